@@ -1,0 +1,17 @@
+"""splitlit: split learning with Lightning — a U-shaped model pipelined between a client and a server."""
+
+from splitlit.pipeline import PeerLostError, SplitPipeline
+from splitlit.split import Split, SplitError
+from splitlit.stage import LinkMeter, MeteredStage, Transfer
+from splitlit.strategy import SplitPipelineStrategy
+
+__all__ = [
+    "LinkMeter",
+    "MeteredStage",
+    "PeerLostError",
+    "Split",
+    "SplitError",
+    "SplitPipeline",
+    "SplitPipelineStrategy",
+    "Transfer",
+]

@@ -1,0 +1,190 @@
+"""Run a :class:`~splitlit.split.Split` on two ranks with ``torch.distributed.pipelining``.
+
+The client (rank 0) calls ``train_step(*inputs, target=..., loss_fn=...)`` or ``eval_step(*inputs)``; the
+server (rank 1) calls the same method with no arguments. Before each step the client broadcasts a small
+header (step kind, micro-batch count, input shapes and dtypes): the server learns what comes without ever
+seeing the data, and both ranks pick the same stages. Stages and schedules are cached per header, since
+``torch.distributed.pipelining`` fixes the tensor shapes of a stage at its first step (a short last batch
+or a new padded sequence length gets stages of its own).
+
+    pipeline = SplitPipeline(split, rank=rank, device=device, chunks=4)
+    out, losses = pipeline.train_step(x, target=y, loss_fn=loss_fn)   # client
+    pipeline.train_step()                                              # server
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from splitlit.schedule import USchedule
+from splitlit.split import Split
+from splitlit.stage import LinkMeter, MeteredStage
+
+__all__ = ["CLIENT", "SERVER", "PeerLostError", "SplitPipeline", "microbatch_count"]
+
+log = logging.getLogger(__name__)
+
+CLIENT, SERVER = 0, 1
+_TRAIN, _EVAL = 1, 2
+_KINDS = {_TRAIN: "training", _EVAL: "evaluation"}
+_HEADER_LEN = 64
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+           torch.int16, torch.int8, torch.uint8, torch.bool]
+
+
+class PeerLostError(RuntimeError):
+    """The other rank stopped answering: it died, or a step took longer than the timeout."""
+
+
+def microbatch_count(batch_size: int, chunks: int) -> int:
+    """``chunks`` when it divides the batch, else the largest divisor of the batch below it (a short last batch)."""
+    return max(d for d in range(1, min(chunks, batch_size) + 1) if batch_size % d == 0)
+
+
+def _is_link_failure(err: BaseException) -> bool:
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err).lower()
+    return any(s in text for s in ("connection closed", "connection reset", "timed out", "timeout",
+                                   "broken pipe", "gloo", "socket", "peer"))
+
+
+class SplitPipeline:
+    """Both ranks' side of a two-rank U-shaped pipeline (see the module docstring).
+
+    Args:
+        split: the model's :class:`Split`; each rank only runs (and needs real weights for) its own part.
+        rank: 0 for the client, 1 for the server.
+        device: where this rank's stages run.
+        chunks: micro-batches per batch.
+        order: ``"1f1b"`` or ``"gpipe"`` (see :mod:`splitlit.schedule`).
+        timeout: seconds, only used to word errors; the process group enforces it.
+        meter: records every tensor handed to the transport.
+    """
+
+    def __init__(self, split: Split, *, rank: int, device: torch.device, chunks: int, order: str = "1f1b",
+                 timeout: float = 300.0, meter: LinkMeter | None = None, cache_size: int = 16) -> None:
+        if rank not in (CLIENT, SERVER):
+            raise ValueError(f"SplitPipeline runs on ranks 0 (client) and 1 (server), got rank={rank}.")
+        self.split = split
+        self.rank = rank
+        self.device = device
+        self.chunks = chunks
+        self.order = order
+        self.timeout = timeout
+        self.meter = meter if meter is not None else LinkMeter()
+        self._modules = split.stages()
+        self._schedules: OrderedDict[tuple, USchedule] = OrderedDict()
+        self._cache_size = cache_size
+        self._loss_fn: Callable | None = None
+        self.steps = 0
+
+    @property
+    def is_client(self) -> bool:
+        return self.rank == CLIENT
+
+    # -- public steps -------------------------------------------------------------------------------------------
+    def train_step(self, *inputs: torch.Tensor, target: Any = None,
+                   loss_fn: Callable | None = None) -> tuple[Any, list[torch.Tensor]]:
+        """One forward+backward over a batch; returns the merged logits and per-micro-batch losses (client)."""
+        if self.is_client and loss_fn is None:
+            raise ValueError("SplitPipeline.train_step on the client needs loss_fn(output, target).")
+        self._loss_fn = loss_fn
+        losses: list[torch.Tensor] = []
+        schedule = self._schedule_for(_TRAIN, inputs)
+        with self._link_errors("training"):
+            out = schedule.step(*inputs, target=target, losses=losses) if self.is_client else schedule.step()
+        self.steps += 1
+        return out, losses
+
+    @torch.no_grad()
+    def eval_step(self, *inputs: torch.Tensor) -> Any:
+        """Forward only over a batch of any size; returns the merged logits on the client, None on the server."""
+        schedule = self._schedule_for(_EVAL, inputs)
+        with self._link_errors("evaluation"):
+            return schedule.step(*inputs) if self.is_client else schedule.step()
+
+    # -- header and stage cache ---------------------------------------------------------------------------------
+    def _schedule_for(self, kind: int, inputs: tuple) -> USchedule:
+        header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
+        if self.is_client:
+            header.copy_(self._encode_header(kind, inputs))
+        with self._link_errors("the step header"):
+            dist.broadcast(header, src=CLIENT)
+        key = tuple(header.tolist())
+        if key[0] != kind:
+            raise RuntimeError(
+                f"The client and the server are out of step: the server expected a {_KINDS[kind]} step, "
+                f"the client started a {_KINDS.get(key[0], f'unknown ({key[0]})')} step. Both ranks must run the "
+                f"same Trainer settings (limit_*_batches, val_check_interval, num_sanity_val_steps)."
+            )
+        schedule = self._schedules.get(key)
+        if schedule is None:
+            schedule = self._build(kind, n_microbatches=key[1])
+            self._schedules[key] = schedule
+            if len(self._schedules) > self._cache_size:
+                self._schedules.popitem(last=False)
+        else:
+            self._schedules.move_to_end(key)
+        return schedule
+
+    def _encode_header(self, kind: int, inputs: tuple) -> torch.Tensor:
+        if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+            raise TypeError(
+                f"The head's inputs must be tensors, got {[type(t).__name__ for t in inputs]}. "
+                f"Return a tuple of tensors from split_inputs(batch)."
+            )
+        batch = inputs[0].shape[0]
+        for t in inputs:
+            if t.ndim == 0 or t.shape[0] != batch:
+                raise ValueError(f"Every head input must have the batch dimension first ({batch}); "
+                                 f"got shapes {[tuple(t.shape) for t in inputs]}.")
+        words = [kind, microbatch_count(batch, self.chunks), len(inputs)]
+        for t in inputs:
+            if t.dtype not in _DTYPES:
+                raise TypeError(f"Head input dtype {t.dtype} cannot be described to the server; use one of {_DTYPES}.")
+            words += [_DTYPES.index(t.dtype), t.ndim, *t.shape]
+        if len(words) > _HEADER_LEN:
+            raise ValueError(f"Too many head inputs or dimensions to describe ({len(words)} > {_HEADER_LEN} words).")
+        return torch.tensor(words + [0] * (_HEADER_LEN - len(words)), dtype=torch.int64)
+
+    def _build(self, kind: int, *, n_microbatches: int) -> USchedule:
+        head, server, tail = self._modules
+        make = lambda mod, idx: MeteredStage(mod, idx, 3, self.device, meter=self.meter)  # noqa: E731
+        stages = [make(head, 0), make(tail, 2)] if self.is_client else [make(server, 1)]
+        loss_fn = self._dispatch_loss if kind == _TRAIN else None
+        log.debug("rank %d: new %s schedule with %d micro-batches", self.rank, _KINDS[kind], n_microbatches)
+        return USchedule(stages, n_microbatches, loss_fn=loss_fn, order=self.order)
+
+    def _dispatch_loss(self, output: Any, target: Any) -> torch.Tensor:
+        assert self._loss_fn is not None  # set by train_step on the client, the only rank with the last stage
+        return self._loss_fn(output, target)
+
+    # -- errors -------------------------------------------------------------------------------------------------
+    def _link_errors(self, what: str):
+        pipeline = self
+
+        class _Guard:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, exc_type, exc, tb):
+                if exc is None or not isinstance(exc, RuntimeError) or isinstance(exc, PeerLostError):
+                    return False
+                if not _is_link_failure(exc):
+                    return False
+                peer = "server (rank 1)" if pipeline.is_client else "client (rank 0)"
+                raise PeerLostError(
+                    f"The {peer} stopped answering during {what} (step {pipeline.steps}): {exc}\n"
+                    f"Either it died, or a step took longer than the timeout of {pipeline.timeout:g} s. "
+                    f"Restart both ranks and resume from the last checkpoint (fit(ckpt_path='last') or "
+                    f"--ckpt_path last); if the link is just slow, raise SplitPipelineStrategy(timeout=...)."
+                ) from exc
+
+        return _Guard()

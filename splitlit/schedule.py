@@ -1,0 +1,95 @@
+"""Pipeline orders for the U placement: stage 0 (client head), 1 (server), 2 (client tail).
+
+The client holds the first and the last stage, so the stock schedules do not fit: the V schedules want an
+even number of stages per rank and the looped ones assume stage ``i`` lives on rank ``i % world``. The
+runtime of ``torch.distributed.pipelining`` takes any compute order, lowers it to send/recv actions and
+runs it; this module only writes the orders:
+
+* ``"gpipe"`` (fill-drain): every forward, then every backward.
+* ``"1f1b"``: after two micro-batches fill the pipe, the client alternates a tail forward+backward with
+  the next head forward, so at most two micro-batches are in flight (less activation memory, the same
+  overlap).
+* forward-only, for validation, test and predict.
+
+Usage::
+
+    schedule = USchedule(local_stages, n_microbatches=4, loss_fn=loss_fn, order="1f1b")
+    schedule.step(x, target=y, losses=losses)  # client;  schedule.step() on the server
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch.distributed.pipelining.schedules import (
+    _Action,
+    _ComputationType,
+    _PipelineScheduleRuntime,
+    _add_send_recv,
+)
+
+__all__ = ["ORDERS", "USchedule", "u_order"]
+
+F = _ComputationType.FORWARD
+B = _ComputationType.FULL_BACKWARD
+HEAD, SERVER, TAIL = 0, 1, 2
+CLIENT_RANK, SERVER_RANK = 0, 1
+ORDERS = ("gpipe", "1f1b")
+
+
+def u_order(order: str | None, n: int) -> dict[int, list[_Action]]:
+    """Compute-only actions per rank for ``n`` micro-batches; ``order=None`` is forward-only."""
+    fwd = lambda stage, mb: _Action(stage, F, mb)  # noqa: E731
+    bwd = lambda stage, mb: _Action(stage, B, mb)  # noqa: E731
+    if order is None:
+        # Interleave so the tail of micro-batch i runs while the server works on i + 1.
+        client = [fwd(HEAD, 0)]
+        for mb in range(n):
+            if mb + 1 < n:
+                client.append(fwd(HEAD, mb + 1))
+            client.append(fwd(TAIL, mb))
+        return {CLIENT_RANK: client, SERVER_RANK: [fwd(SERVER, mb) for mb in range(n)]}
+    if order == "gpipe":
+        client = ([fwd(HEAD, mb) for mb in range(n)] + [fwd(TAIL, mb) for mb in range(n)]
+                  + [bwd(TAIL, mb) for mb in range(n)] + [bwd(HEAD, mb) for mb in range(n)])
+        server = [fwd(SERVER, mb) for mb in range(n)] + [bwd(SERVER, mb) for mb in range(n)]
+        return {CLIENT_RANK: client, SERVER_RANK: server}
+    if order == "1f1b":
+        warmup = min(2, n)
+        client = [fwd(HEAD, mb) for mb in range(warmup)]
+        server = [fwd(SERVER, mb) for mb in range(warmup)]
+        for mb in range(n):
+            client += [fwd(TAIL, mb), bwd(TAIL, mb)]
+            if mb + warmup < n:
+                client.append(fwd(HEAD, mb + warmup))
+            client.append(bwd(HEAD, mb))
+            server.append(bwd(SERVER, mb))
+            if mb + warmup < n:
+                server.append(fwd(SERVER, mb + warmup))
+        return {CLIENT_RANK: client, SERVER_RANK: server}
+    raise ValueError(f"Unknown pipeline order {order!r}; choose one of {ORDERS}.")
+
+
+class USchedule(_PipelineScheduleRuntime):
+    """The runtime of ``torch.distributed.pipelining`` driven by a U-placement order.
+
+    ``stages`` are this rank's stages: ``[stage 0, stage 2]`` on the client, ``[stage 1]`` on the server.
+    Without ``loss_fn`` the schedule is forward-only.
+    """
+
+    def __init__(self, stages: list, n_microbatches: int, *, loss_fn: Callable | None = None,
+                 order: str = "1f1b") -> None:
+        super().__init__(stages=stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
+        self.order = order if loss_fn is not None else None
+        self.pipeline_order = u_order(self.order, n_microbatches)
+        actions = {rank: list(acts) for rank, acts in self.pipeline_order.items()}
+        if self.order is not None:
+            self._prepare_schedule_with_comms(actions)
+            return
+        # torch's validator insists on a backward per forward, so lower a forward-only order here.
+        self.stage_index_to_group_rank = {HEAD: CLIENT_RANK, SERVER: SERVER_RANK, TAIL: CLIENT_RANK}
+        for stage in self._stages:
+            stage.stage_index_to_group_rank = self.stage_index_to_group_rank
+        self.pipeline_order_with_comms = _add_send_recv(
+            actions, stage_to_rank=self.stage_index_to_group_rank.__getitem__, num_stages=3
+        )
