@@ -80,6 +80,7 @@ class USchedule(_PipelineScheduleRuntime):
     def __init__(self, stages: list, n_microbatches: int, *, loss_fn: Callable | None = None,
                  order: str = "1f1b") -> None:
         super().__init__(stages=stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
+        self.inferring_shapes = False
         self.order = order if loss_fn is not None else None
         self.pipeline_order = u_order(self.order, n_microbatches)
         actions = {rank: list(acts) for rank, acts in self.pipeline_order.items()}
@@ -93,3 +94,11 @@ class USchedule(_PipelineScheduleRuntime):
         self.pipeline_order_with_comms = _add_send_recv(
             actions, stage_to_rank=self.stage_index_to_group_rank.__getitem__, num_stages=3
         )
+
+    def _initialize_stages(self, *args, **kwargs) -> None:
+        # Shape inference runs the stages and the loss on placeholder tensors; the loss function can tell.
+        self.inferring_shapes = True
+        try:
+            super()._initialize_stages(*args, **kwargs)
+        finally:
+            self.inferring_shapes = False

@@ -40,11 +40,17 @@ class _Chain(nn.Module):
     untouched: see :class:`splitlit.codecs.Codec`.
     """
 
-    def __init__(self, *parts: nn.Module) -> None:
+    def __init__(self, *parts: nn.Module | None, receives: bool = False) -> None:
         super().__init__()
         self.parts = nn.ModuleList(p for p in parts if p is not None)
+        self.receives = receives
 
     def forward(self, *args: Any) -> Any:
+        if self.receives:
+            # A received activation is a leaf that requires grad; an in-place first layer (ReLU(inplace=True))
+            # would fail on it, so such a stage works on a copy.
+            args = tuple(a.clone() if isinstance(a, torch.Tensor) and a.is_leaf and a.requires_grad else a
+                         for a in args)
         out: Any = args
         for part in self.parts:
             out = part(*as_tuple(out))
@@ -94,10 +100,11 @@ class Split:
             self.up.decoder if self.up is not None else None,
             self.body,
             self.down.encoder if self.down is not None else None,
+            receives=True,
         )
 
     def client_tail_stage(self) -> nn.Module:
-        return _Chain(self.down.decoder if self.down is not None else None, self.tail)
+        return _Chain(self.down.decoder if self.down is not None else None, self.tail, receives=True)
 
     def stages(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         return self.client_head_stage(), self.server_stage(), self.client_tail_stage()

@@ -418,13 +418,14 @@ def _split_of(module: LightningModule) -> Split:
         raise MisconfigurationException(
             f"{type(module).__name__}.configure_split() must return a splitlit.Split, got {type(split).__name__}."
         )
-    names = {id(m) for m in module.modules()}
+    owned = {id(t) for t in list(module.parameters()) + list(module.buffers())}
     for part in ("head", "body", "tail", "up", "down"):
         value = getattr(split, part)
-        if value is not None and id(value) not in names:
+        if value is not None and any(id(t) not in owned for t in list(value.parameters()) + list(value.buffers())):
             raise SplitError(
-                f"Split.{part} ({type(value).__name__}) is not a submodule of {type(module).__name__}: assign it "
-                f"to an attribute in __init__ (self.{part} = ...) so it is saved, loaded and moved with the model."
+                f"Split.{part} ({type(value).__name__}) has tensors that are not part of {type(module).__name__}: "
+                f"assign its layers to attributes in __init__ (self.{part} = ...) so they are saved, loaded and "
+                f"moved with the model."
             )
     return split
 

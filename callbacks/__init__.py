@@ -1,0 +1,1 @@
+"""Lightning callbacks that measure what crosses the link between client and server."""

@@ -1,0 +1,1 @@
+"""Experiments: LightningCLI entry points, YAML presets and reports."""
