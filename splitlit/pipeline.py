@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ import torch.distributed as dist
 from splitlit.schedule import USchedule
 from splitlit.split import Split
 from splitlit.stage import LinkMeter, MeteredStage
+from splitlit.wire import WirePlan
 
 __all__ = ["CLIENT", "SERVER", "PeerLostError", "SplitPipeline", "microbatch_count"]
 
@@ -66,10 +67,12 @@ class SplitPipeline:
         order: ``"1f1b"`` or ``"gpipe"`` (see :mod:`splitlit.schedule`).
         timeout: seconds, only used to word errors; the process group enforces it.
         meter: records every tensor handed to the transport.
+        wire: wire codecs per cut and direction (see :mod:`splitlit.wire`); both ranks must give the same.
     """
 
     def __init__(self, split: Split, *, rank: int, device: torch.device, chunks: int, order: str = "1f1b",
-                 timeout: float = 300.0, meter: LinkMeter | None = None, cache_size: int = 16) -> None:
+                 timeout: float = 300.0, meter: LinkMeter | None = None, cache_size: int = 16,
+                 wire: WirePlan | Mapping[str, Any] | None = None) -> None:
         if rank not in (CLIENT, SERVER):
             raise ValueError(f"SplitPipeline runs on ranks 0 (client) and 1 (server), got rank={rank}.")
         self.split = split
@@ -79,6 +82,7 @@ class SplitPipeline:
         self.order = order
         self.timeout = timeout
         self.meter = meter if meter is not None else LinkMeter()
+        self.wire = WirePlan.parse(wire)
         self._modules = split.stages()
         self._schedules: OrderedDict[tuple, USchedule] = OrderedDict()
         self._cache_size = cache_size
@@ -157,7 +161,7 @@ class SplitPipeline:
 
     def _build(self, kind: int, *, n_microbatches: int) -> USchedule:
         head, server, tail = self._modules
-        make = lambda mod, idx: MeteredStage(mod, idx, 3, self.device, meter=self.meter)  # noqa: E731
+        make = lambda mod, idx: MeteredStage(mod, idx, 3, self.device, meter=self.meter, wire=self.wire)  # noqa: E731
         stages = [make(head, 0), make(tail, 2)] if self.is_client else [make(server, 1)]
         loss_fn = self._dispatch_loss if kind == _TRAIN else None
         log.debug("rank %d: new %s schedule with %d micro-batches", self.rank, _KINDS[kind], n_microbatches)

@@ -11,13 +11,18 @@ are the bytes that cross the link, not an estimate from shapes::
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining import schedules as _schedules
 
-__all__ = ["LinkMeter", "MeteredStage", "Transfer"]
+from splitlit.wire import WireEndpoint, WirePlan
+
+__all__ = ["Compute", "LinkMeter", "MeteredStage", "Transfer"]
 
 # Stage index -> which cut its forward output / forward input crosses (U placement: 0 client, 1 server, 2 client).
 _FWD_SEND_CUT = {0: "up", 1: "down"}
@@ -40,6 +45,23 @@ class Transfer:
     shape: tuple[int, ...]
     dtype: str
     posted: float  # time.perf_counter() when the op was handed to the transport
+    done: list = field(default_factory=list, compare=False)  # [perf_counter() when the op completed]
+
+    @property
+    def seconds(self) -> float | None:
+        """Posting to completion. For a send this includes any wait for the receiver to post its receive."""
+        return self.done[0] - self.posted if self.done else None
+
+
+@dataclass(frozen=True)
+class Compute:
+    """One stage computation: ``what`` is "forward", "backward" or "backward_weight"."""
+
+    what: str
+    stage: int
+    microbatch: int
+    start: float
+    end: float
 
 
 @dataclass
@@ -47,7 +69,9 @@ class LinkMeter:
     """Transfers recorded on this rank since the last :meth:`reset`."""
 
     transfers: list[Transfer] = field(default_factory=list)
+    computes: list[Compute] = field(default_factory=list)
     enabled: bool = True
+    timed: bool = True  # watch each transfer to its completion (one short-lived thread per op)
 
     def record(self, ops: list[dist.P2POp], *, cut: str, kind: str, role: str, microbatch: int) -> None:
         if not self.enabled:
@@ -55,50 +79,138 @@ class LinkMeter:
         now = time.perf_counter()
         for op in ops:
             t = op.tensor
-            self.transfers.append(Transfer(cut, kind, role, microbatch, t.numel() * t.element_size(),
-                                           tuple(t.shape), str(t.dtype).removeprefix("torch."), now))
+            transfer = Transfer(cut, kind, role, microbatch, t.numel() * t.element_size(),
+                                tuple(t.shape), str(t.dtype).removeprefix("torch."), now)
+            self.transfers.append(transfer)
+            if self.timed:
+                _WATCHED[id(op)] = transfer
+
+    def compute_seconds(self) -> float:
+        return sum(c.end - c.start for c in self.computes)
 
     def bytes(self, *, cut: str | None = None, kind: str | None = None, role: str | None = None) -> int:
         return sum(t.nbytes for t in self.transfers
                    if (cut is None or t.cut == cut) and (kind is None or t.kind == kind)
                    and (role is None or t.role == role))
 
-    def reset(self) -> list[Transfer]:
-        done, self.transfers = self.transfers, []
-        return done
+    def reset(self) -> tuple[list[Transfer], list[Compute]]:
+        """Hand over (and forget) what was recorded since the last reset."""
+        transfers, computes = self.transfers, self.computes
+        self.transfers, self.computes = [], []
+        return transfers, computes
+
+
+# The pipeline runtime posts the stage's ops through ``schedules._batch_p2p`` and waits on the returned works
+# much later (a send only at the end of the step). gloo works have no completion future and cannot be waited on
+# twice, so a short-lived thread becomes the only waiter of each watched work and timestamps its completion;
+# the runtime's own wait (``schedules._wait_batch_p2p``) then waits for that thread.
+_WATCHED: dict[int, Transfer] = {}
+_WAITERS: dict[int, tuple[threading.Event, list]] = {}
+_batch_p2p = _schedules._batch_p2p
+_wait_batch_p2p = _schedules._wait_batch_p2p
+
+
+def _wait_and_stamp(work: dist.Work, transfer: Transfer, finished: threading.Event, error: list) -> None:
+    try:
+        work.wait()
+        transfer.done.append(time.perf_counter())
+    except BaseException as err:  # noqa: BLE001 - handed to the runtime's wait below
+        error.append(err)
+    finally:
+        finished.set()
+
+
+def _watched_batch_p2p(p2p_ops: list[dist.P2POp], desc: str | None = None) -> list[dist.Work]:
+    works = _batch_p2p(p2p_ops, desc)
+    if _WATCHED and len(works) == len(p2p_ops):
+        for op, work in zip(p2p_ops, works):
+            transfer = _WATCHED.pop(id(op), None)
+            if transfer is not None:
+                finished, error = threading.Event(), []
+                _WAITERS[id(work)] = (finished, error)
+                threading.Thread(target=_wait_and_stamp, args=(work, transfer, finished, error), daemon=True).start()
+    return works
+
+
+def _watched_wait_batch_p2p(works: list[dist.Work]) -> None:
+    for work in works:
+        waiter = _WAITERS.pop(id(work), None)
+        if waiter is None:
+            work.wait()
+            continue
+        finished, error = waiter
+        finished.wait()
+        if error:
+            raise error[0]
+
+
+if getattr(_schedules._batch_p2p, "__name__", "") != "_watched_batch_p2p":
+    _schedules._batch_p2p = _watched_batch_p2p
+    _schedules._wait_batch_p2p = _watched_wait_batch_p2p
 
 
 class MeteredStage(PipelineStage):
     """``PipelineStage`` that reports the tensors of its send and receive ops to a :class:`LinkMeter`."""
 
-    def __init__(self, *args, meter: LinkMeter, **kwargs) -> None:
+    def __init__(self, *args, meter: LinkMeter, wire: WirePlan | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.meter = meter
+        self.wire = WireEndpoint(wire)  # wire codecs: encode what is sent, decode what arrives (splitlit.wire)
+
+    def _timed(self, what: str, mb: int, fn, *args, **kwargs) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if self.meter.enabled:
+                self.meter.computes.append(Compute(what, self.stage_index, mb, start, time.perf_counter()))
+
+    def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs) -> Any:
+        return self._timed("forward", fwd_chunk_id, super().forward_one_chunk, fwd_chunk_id, *args, **kwargs)
+
+    def backward_one_chunk(self, bwd_chunk_id: int, *args, **kwargs) -> Any:
+        return self._timed("backward", bwd_chunk_id, super().backward_one_chunk, bwd_chunk_id, *args, **kwargs)
+
+    def backward_weight_one_chunk(self, bwd_chunk_id: int, *args, **kwargs) -> Any:
+        return self._timed("backward_weight", bwd_chunk_id, super().backward_weight_one_chunk, bwd_chunk_id,
+                           *args, **kwargs)
 
     def get_fwd_send_ops(self, fwd_chunk_id: int) -> list[dist.P2POp]:
-        ops = super().get_fwd_send_ops(fwd_chunk_id)
+        ops = self.wire.send(super().get_fwd_send_ops(fwd_chunk_id), cut=_FWD_SEND_CUT.get(self.stage_index, ""),
+                             kind="activation")
         if ops:
             self.meter.record(ops, cut=_FWD_SEND_CUT[self.stage_index], kind="activation", role="sent",
                               microbatch=fwd_chunk_id)
         return ops
 
     def get_fwd_recv_ops(self, fwd_chunk_id: int) -> list[dist.P2POp]:
-        ops = super().get_fwd_recv_ops(fwd_chunk_id)
+        ops = self.wire.recv(super().get_fwd_recv_ops(fwd_chunk_id), cut=_FWD_RECV_CUT.get(self.stage_index, ""),
+                             kind="activation", chunk=fwd_chunk_id)
         if ops:
             self.meter.record(ops, cut=_FWD_RECV_CUT[self.stage_index], kind="activation", role="received",
                               microbatch=fwd_chunk_id)
         return ops
 
     def get_bwd_send_ops(self, bwd_chunk_id: int) -> list[dist.P2POp]:
-        ops = super().get_bwd_send_ops(bwd_chunk_id)
+        ops = self.wire.send(super().get_bwd_send_ops(bwd_chunk_id), cut=_FWD_RECV_CUT.get(self.stage_index, ""),
+                             kind="gradient")
         if ops:  # a stage sends the gradient of its input back over the cut it received it from
             self.meter.record(ops, cut=_FWD_RECV_CUT[self.stage_index], kind="gradient", role="sent",
                               microbatch=bwd_chunk_id)
         return ops
 
     def get_bwd_recv_ops(self, bwd_chunk_id: int) -> list[dist.P2POp]:
-        ops = super().get_bwd_recv_ops(bwd_chunk_id)
+        ops = self.wire.recv(super().get_bwd_recv_ops(bwd_chunk_id), cut=_FWD_SEND_CUT.get(self.stage_index, ""),
+                             kind="gradient", chunk=bwd_chunk_id)
         if ops:
             self.meter.record(ops, cut=_FWD_SEND_CUT[self.stage_index], kind="gradient", role="received",
                               microbatch=bwd_chunk_id)
         return ops
+
+    def _retrieve_recv_activations(self, fwd_chunk_id: int) -> tuple:
+        self.wire.decode(kind="activation", chunk=fwd_chunk_id)  # the recv has completed: decode into the buffers
+        return super()._retrieve_recv_activations(fwd_chunk_id)
+
+    def _retrieve_recv_grads(self, bwd_chunk_id: int) -> tuple:
+        self.wire.decode(kind="gradient", chunk=bwd_chunk_id)
+        return super()._retrieve_recv_grads(bwd_chunk_id)

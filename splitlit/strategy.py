@@ -36,6 +36,7 @@ from splitlit.pipeline import CLIENT, SERVER, SplitPipeline
 from splitlit.schedule import ORDERS
 from splitlit.split import Split, SplitError
 from splitlit.stage import LinkMeter
+from splitlit.wire import WirePlan
 
 __all__ = ["SplitPipelineStrategy"]
 
@@ -50,6 +51,9 @@ class SplitPipelineStrategy(DDPStrategy):
             a shorter last batch runs with the largest divisor of its size.
         order: ``"1f1b"`` (default, less memory) or ``"gpipe"`` (fill-drain).
         timeout: seconds either rank waits for the other before failing with a clear error.
+        wire: wire codecs applied by the transport, per cut and direction, e.g.
+            ``{"up.activation": "int8", "down.gradient": "fp16"}`` (see :mod:`splitlit.wire`); the model is
+            untouched and the link meter records the encoded bytes.
         process_group_backend: ``"gloo"`` by default (CPU, or a CPU client with a GPU server);
             ``"nccl"`` when both ranks are on CUDA.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (cluster environment,
@@ -63,7 +67,8 @@ class SplitPipelineStrategy(DDPStrategy):
     strategy_name = "split_pipeline"
 
     def __init__(self, chunks: int = 1, order: str = "1f1b", timeout: float = 300.0,
-                 process_group_backend: str | None = "gloo", **kwargs: Any) -> None:
+                 process_group_backend: str | None = "gloo",
+                 wire: dict[str, str | dict[str, Any]] | None = None, **kwargs: Any) -> None:
         if not isinstance(chunks, int) or chunks < 1:
             raise ValueError(f"SplitPipelineStrategy(chunks={chunks!r}): chunks must be a positive integer "
                              f"(micro-batches per batch), e.g. 1, 4 or 8.")
@@ -72,6 +77,7 @@ class SplitPipelineStrategy(DDPStrategy):
         if not timeout or timeout <= 0:
             raise ValueError(f"SplitPipelineStrategy(timeout={timeout!r}): give the seconds a rank waits for "
                              f"the other, e.g. 300.")
+        self.wire = WirePlan.parse(wire)  # checked here: a bad key or codec name fails before any process starts
         super().__init__(process_group_backend=process_group_backend, timeout=timedelta(seconds=timeout),
                          **kwargs)
         self.chunks = chunks
@@ -133,7 +139,7 @@ class SplitPipelineStrategy(DDPStrategy):
         # 4. The pipeline over this rank's stages.
         self.pipeline = SplitPipeline(self.split, rank=self.global_rank, device=self.root_device,
                                       chunks=self.chunks, order=self.order, timeout=self.timeout_s,
-                                      meter=self.meter)
+                                      meter=self.meter, wire=self.wire)
         # 5. Optimisers see only this rank's parameters; clipping uses the norm over both ranks.
         if trainer.state.fn == "fit":
             self.setup_optimizers(trainer)
