@@ -7,8 +7,8 @@ runs it; this module only writes the orders:
 
 * ``"gpipe"`` (fill-drain): every forward, then every backward.
 * ``"1f1b"``: after two micro-batches fill the pipe, the client alternates a tail forward+backward with
-  the next head forward, so at most two micro-batches are in flight (less activation memory, the same
-  overlap).
+  the next head forward, so at most three micro-batches' activations are held whatever the chunk count
+  (gpipe holds all of them), with the same overlap.
 * forward-only, for validation, test and predict.
 
 Usage::

@@ -15,6 +15,7 @@ the pipeline's output for that micro-batch), so the same module trains unsplit u
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -88,6 +89,7 @@ class SplitPipelineStrategy(DDPStrategy):
         self.split: Split | None = None
         self._owned: list[nn.Parameter] = []
         self._fresh_grads: list[Tensor | None] | None = None
+        self._composes_checked = False
 
     # -- who is who ---------------------------------------------------------------------------------------------
     @property
@@ -163,9 +165,11 @@ class SplitPipelineStrategy(DDPStrategy):
         assert self.split is not None
         server_names = _tensor_names(module, _owned_tensors(self.split, module, is_client=False))
         state = module.state_dict()
-        payload = [{k: state[k].cpu() for k in server_names} if self.is_client else None]
+        payload: list[Any] = [None]
+        if self.is_client and not any(state[k].is_meta for k in server_names):  # not yet split (first setup)
+            payload[0] = {k: state[k].cpu() for k in server_names}
         dist.broadcast_object_list(payload, src=CLIENT)
-        if not self.is_client:
+        if not self.is_client and payload[0] is not None:
             module.load_state_dict(payload[0], strict=False)
 
     # -- data ---------------------------------------------------------------------------------------------------
@@ -204,7 +208,7 @@ class SplitPipelineStrategy(DDPStrategy):
                 self.pipeline.train_step()
                 return torch.zeros((), device=self.root_device)  # Lightning steps the optimiser only on a tensor
             batch, batch_idx, rest = args[0], args[1] if len(args) > 1 else 0, args[2:]
-            inputs = _head_inputs(module, batch)
+            inputs = self._client_inputs(batch)
             size = inputs[0].shape[0]
 
             def microbatch_loss(output: Any, index: Tensor) -> Tensor:
@@ -223,6 +227,19 @@ class SplitPipelineStrategy(DDPStrategy):
             index = torch.arange(size, device=inputs[0].device)
             _, losses = self.pipeline.train_step(*inputs, target=index, loss_fn=microbatch_loss)
         return torch.stack([loss.detach().float() for loss in losses]).mean()
+
+    def _client_inputs(self, batch: Any) -> tuple[Tensor, ...]:
+        inputs = _head_inputs(self.lightning_module, batch)
+        if not self._composes_checked:
+            # Once, on shapes only: a meta copy of the whole split, so a head/body/tail mismatch is reported
+            # here with the part named, not as a shape error deep inside the server's stage.
+            assert self.split is not None
+            parts = {name: getattr(self.split, name) for name in ("head", "body", "tail", "up", "down")}
+            meta_split = Split(**{k: copy.deepcopy(v).to("meta") if v is not None else None
+                                  for k, v in parts.items()})
+            meta_split.check_composes(*(t.to("meta") for t in inputs))
+            self._composes_checked = True
+        return inputs
 
     @contextmanager
     def _fresh_gradients(self) -> Iterator[None]:
@@ -276,7 +293,7 @@ class SplitPipelineStrategy(DDPStrategy):
             self.pipeline.eval_step()
             return None
         module = self.lightning_module
-        output = self.pipeline.eval_step(*_head_inputs(module, args[0]))
+        output = self.pipeline.eval_step(*self._client_inputs(args[0]))
         with _returning(module, output):
             return getattr(module, hook)(*args, **kwargs)
 
@@ -290,13 +307,13 @@ class SplitPipelineStrategy(DDPStrategy):
         return bool(self.broadcast(decision, src=CLIENT))
 
     def _clip_grad_by_global_norm(self, optimizer: Any, clip_val: float) -> None:
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        local = torch.nn.utils.get_total_norm(grads, norm_type=2.0) if grads else torch.zeros(())
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        local = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
         squared = (local.double() ** 2).cpu()
         dist.all_reduce(squared)  # both ranks clip by the norm of the whole model's gradient
-        total = squared.sqrt().to(local.dtype)
-        if grads:
-            torch.nn.utils.clip_grads_with_norm_(grads, clip_val, total.to(grads[0].device))
+        if params:
+            total = squared.sqrt().to(device=params[0].grad.device, dtype=local.dtype)
+            torch.nn.utils.clip_grads_with_norm_(params, clip_val, total)
 
     # -- checkpoints: one file, written by the client, loadable into the unsplit module --------------------------
     @override

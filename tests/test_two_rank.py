@@ -1,0 +1,144 @@
+"""Two-rank integration tests of SplitPipelineStrategy: each runs real processes with a timeout."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from tests.scripts import toy
+from tests.twoproc import REPO, SHARED_DATA, run_fit_script, run_two_hosts
+
+pytestmark = pytest.mark.slow
+TOY = REPO / "tests" / "scripts" / "toy.py"
+
+
+@lru_cache
+def _reference(tmp_root: str, extra: tuple[str, ...]) -> dict:
+    """The same module trained on one process with Lightning's default strategy."""
+    return toy.main(["--out", f"{tmp_root}/ref{hash(extra)}", "--unsplit", *extra])
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max((a[k] - v).abs().max().item() for k, v in b.items())
+
+
+@pytest.mark.parametrize("extra", [
+    ("--chunks", "1"),
+    ("--chunks", "4", "--order", "gpipe"),
+    ("--chunks", "8", "--steps", "2", "--accumulate", "2", "--clip", "0.05"),
+])
+def test_pipeline_is_transparent(tmp_path, extra):
+    """Loss, every gradient, the weights after training and the validation logits equal the unsplit run's."""
+    result = run_fit_script(TOY, ["--out", str(tmp_path / "split"), *extra], timeout=180)
+    assert result.returncode == 0, result.output
+    settings = tuple(a for a in extra if a not in ("--chunks", "--order", "1", "4", "8", "gpipe"))
+    ref = _reference(str(tmp_path), settings)
+    client, server = (torch.load(tmp_path / "split" / f"rank{r}.pt") for r in (0, 1))
+    # float32 sums over micro-batches in another order than over the batch: ~1e-8, well inside 1e-5
+    assert abs(client["loss"] - ref["loss"]) <= 1e-5
+    assert set(client["grads"]) == {"head.0.weight", "head.0.bias", "tail.weight", "tail.bias"}
+    assert set(server["grads"]) == {"body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias"}
+    for part in (client, server):
+        assert _max_diff(ref["grads"], part["grads"]) <= 1e-5
+        assert _max_diff(ref["state"], part["state"]) <= 1e-5
+    logits = torch.load(tmp_path / "split" / "val_logits.pt")
+    assert logits.shape == (37, 3)  # 37 = 4 full batches of 8 and a short one of 5, all scored
+    assert (logits - torch.load(next(tmp_path.glob("ref*/val_logits.pt")))).abs().max() <= 1e-5
+
+
+def test_bf16_mixed_trains_on_cpu(tmp_path):
+    """precision='bf16-mixed' runs split on CPU and matches the unsplit bf16 run to bf16 precision."""
+    extra = ("--precision", "bf16-mixed", "--steps", "2")
+    result = run_fit_script(TOY, ["--out", str(tmp_path / "split"), *extra], timeout=180)
+    assert result.returncode == 0, result.output
+    ref = _reference(str(tmp_path), extra)
+    client, server = (torch.load(tmp_path / "split" / f"rank{r}.pt") for r in (0, 1))
+    # bf16 keeps ~3 significant digits; micro-batches round differently from the whole batch
+    assert abs(float(client["loss"]) - float(ref["loss"])) <= 1e-2
+    for part in (client, server):
+        assert _max_diff(ref["state"], part["state"]) <= 1e-3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--devices", "1"], "runs on exactly 2 processes .* got world size 1"),
+    (["--batch-size", "6", "--chunks", "4"], "training batch size 6 is not a multiple of chunks=4"),
+    (["--broken"], r"The split does not compose: the server .* failed on inputs of shapes \[\(8, 12\)\]"),
+    (["--no-split-hook"], "Toy has no configure_split"),
+])
+def test_bad_setups_fail_clearly(tmp_path, args, message):
+    """Wrong world size, a batch the chunks do not divide, parts that do not compose, no split hook."""
+    result = run_fit_script(TOY, ["--out", str(tmp_path), "--timeout", "20", *args], timeout=120)
+    assert result.returncode != 0
+    assert re.search(message, result.output), result.output[-3000:]
+
+
+@pytest.mark.parametrize("dead, survivor, peer", [(1, 0, "server"), (0, 1, "client")])
+def test_a_dead_peer_stops_the_other_rank(tmp_path, dead, survivor, peer):
+    """When one rank dies mid-epoch the other exits non-zero within the timeout, saying what happened."""
+    cmd = [str(TOY), "--out", str(tmp_path), "--two-hosts", "--steps", "8", "--timeout", "15",
+           "--kill-rank", str(dead), "--kill-step", "3"]
+    start = time.monotonic()
+    results = run_two_hosts(cmd, cmd, timeout=150)
+    assert time.monotonic() - start < 90
+    assert results[dead].returncode == 3  # the crash we caused
+    assert results[survivor].returncode != 0
+    assert f"The {peer} (rank {dead}) stopped answering" in results[survivor].output, results[survivor].output[-3000:]
+    assert "resume from the last checkpoint" in results[survivor].output
+
+
+def _cifar_args(root: Path, probe: Path, data_dir: Path = SHARED_DATA / "cifar10") -> list[str]:
+    return ["-m", "experiments.cifar10_mobilenet", "fit", "--config", "experiments/configs/cifar10_small.yaml",
+            "--model.pretrained", str(SHARED_DATA / "weights" / "mobilenet_v2-b0353104.pth"),
+            "--data.data_dir", str(data_dir), "--data.image_size", "32", "--data.batch_size", "16",
+            "--data.train_subset", "64", "--data.val_subset", "70", "--trainer.max_epochs", "1",
+            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+            "--trainer.callbacks+=tests.probes.StateProbe", f"--trainer.callbacks.out_dir={probe}"]
+
+
+def test_mobilenet_two_hosts_checkpoint_and_resume(tmp_path):
+    """Real CIFAR-10 on two 'hosts': the server never reads data; the checkpoint loads unsplit; resume is exact."""
+    from experiments.cifar10_mobilenet import CIFAR10DataModule, MobileNetV2Classifier
+
+    client_cmd = _cifar_args(tmp_path / "run", tmp_path / "probe1") + ["--trainer.num_nodes", "2",
+                                                                       "--trainer.devices", "1"]
+    # The server is pointed at a folder that does not exist: it must never need the data.
+    server_cmd = _cifar_args(tmp_path / "run", tmp_path / "probe1", tmp_path / "no-such-data") + [
+        "--trainer.num_nodes", "2", "--trainer.devices", "1"]
+    client, server = run_two_hosts(client_cmd, server_cmd, timeout=300)
+    assert client.returncode == 0, client.output[-4000:]
+    assert server.returncode == 0, server.output[-4000:]
+
+    # What reached the server: cut activations and gradients only, never images or labels.
+    seen = json.loads((tmp_path / "probe1" / "rank1_transfers.json").read_text())
+    kinds = {(t["cut"], t["kind"], t["role"], tuple(t["shape"][1:]), t["dtype"]) for t in seen}
+    assert kinds == {("up", "activation", "received", (32, 16, 16), "float32"),
+                     ("up", "gradient", "sent", (32, 16, 16), "float32"),
+                     ("down", "activation", "sent", (1280, 1, 1), "float32"),
+                     ("down", "gradient", "received", (1280, 1, 1), "float32")}
+    assert {t["shape"][0] for t in seen} <= {4, 2, 1}  # micro-batches of 16/4, and 6/3 for the short val batch
+
+    # One checkpoint file with the whole model: loads strictly into the unsplit module and scores the same.
+    ckpt = next((tmp_path / "run").rglob("*.ckpt"))
+    model = MobileNetV2Classifier.load_from_checkpoint(ckpt, map_location="cpu", strict=True).eval()
+    data = CIFAR10DataModule(data_dir=str(SHARED_DATA / "cifar10"), image_size=32, batch_size=16, val_subset=70)
+    data.setup("validate")
+    correct = sum((model(x).argmax(1) == y).sum().item() for x, y in data.val_dataloader())
+    metrics = pd.read_csv(next((tmp_path / "run").rglob("metrics.csv")))
+    assert correct / 70 == pytest.approx(metrics["val/acc"].dropna().iloc[-1], abs=1e-6)
+
+    # Resume on two ranks (this time Lightning's own launcher): each rank starts from the checkpoint's weights.
+    args = _cifar_args(tmp_path / "run", tmp_path / "probe2") + ["--ckpt_path", str(ckpt),
+                                                                 "--trainer.max_epochs", "2"]
+    result = run_fit_script(args[0], args[1:], timeout=300)
+    assert result.returncode == 0, result.output[-4000:]
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    for rank in (0, 1):
+        start = torch.load(tmp_path / "probe2" / f"rank{rank}_start.pt")
+        assert start and all(torch.equal(v, state[k]) for k, v in start.items())
