@@ -137,12 +137,15 @@ class _PowerEncoder(nn.Module):
         self._check(tuple(x.shape))
         b, c, rest = x.shape[0], x.shape[1], x.shape[2:]
         work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # QR needs float32/64
-        m = work.reshape(b, c, -1)                                              # [B, C, N]
-        q = torch.linalg.qr(m @ self._start(m.shape[2], m.dtype, m.device))[0]  # [B, C, r]
-        for _ in range(self.iters - 1):                                          # subspace iteration
-            q = torch.linalg.qr(m @ (m.transpose(1, 2) @ q))[0]
-        p = q.transpose(1, 2) @ m                                                # [B, r, N]
-        return q.to(x.dtype), p.reshape(b, self.rank, *rest).to(x.dtype), *extras
+        # ("meta" has no autocast: SplitPipelineStrategy's shape-only composition check runs this on meta tensors)
+        with torch.autocast("cpu" if x.is_meta else x.device.type, enabled=False):  # ... also under bf16-mixed
+            m = work.reshape(b, c, -1)                                              # [B, C, N]
+            q = torch.linalg.qr(m @ self._start(m.shape[2], m.dtype, m.device))[0]  # [B, C, r]
+            for _ in range(self.iters - 1):                                          # subspace iteration
+                q = torch.linalg.qr(m @ (m.transpose(1, 2) @ q))[0]
+            p = q.transpose(1, 2) @ m                                                # [B, r, N]
+        # contiguous: the transport sends these buffers as they are (QR returns a column-major Q)
+        return q.to(x.dtype).contiguous(), p.reshape(b, self.rank, *rest).to(x.dtype).contiguous(), *extras
 
 
 class _PowerDecoder(nn.Module):
@@ -446,10 +449,11 @@ class CodecCalibration(Callback):
         if hook is None:
             raise ValueError(f"CodecCalibration needs {type(pl_module).__name__}.configure_split() to find the "
                              f"codecs; add it or remove the callback.")
-        source = trainer.datamodule if trainer.datamodule is not None else pl_module
+        # The training loader as fit() will use it: from fit(train_dataloaders=...), the datamodule or the module.
+        loader = trainer.fit_loop._data_source.dataloader()
         split_inputs = getattr(pl_module, "split_inputs", None)
         batches = []
-        for batch in source.train_dataloader():
+        for batch in loader:
             batches.append(split_inputs(batch) if split_inputs is not None else batch[0])
             if len(batches) == self.batches:
                 break

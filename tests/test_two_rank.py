@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.scripts import toy
-from tests.twoproc import REPO, SHARED_DATA, run_fit_script, run_two_hosts
+from tests.twoproc import REPO, SHARED_DATA, free_port, run_fit_script, run_two_hosts
 
 pytestmark = pytest.mark.slow
 TOY = REPO / "tests" / "scripts" / "toy.py"
@@ -142,3 +142,14 @@ def test_mobilenet_two_hosts_checkpoint_and_resume(tmp_path):
     for rank in (0, 1):
         start = torch.load(tmp_path / "probe2" / f"rank{rank}_start.pt")
         assert start and all(torch.equal(v, state[k]) for k, v in start.items())
+
+
+def test_torchrun_launch_trains_the_same(tmp_path):
+    """Under `torchrun --nproc-per-node 2` the split run matches the unsplit reference too."""
+    args = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), str(TOY),
+            "--out", str(tmp_path / "split"), "--chunks", "2", "--steps", "2"]
+    result = run_fit_script(args[0], args[1:], timeout=180)
+    assert result.returncode == 0, result.output[-3000:]
+    ref = _reference(str(tmp_path), ("--steps", "2"))
+    for rank in (0, 1):
+        assert _max_diff(ref["state"], torch.load(tmp_path / "split" / f"rank{rank}.pt")["state"]) <= 1e-5

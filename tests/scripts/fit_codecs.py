@@ -95,7 +95,8 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--only", default=None)
     args = parser.parse_args()
-    train = LocalCIFAR10(args.data, train=True, transform=v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]))
+    to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+    train = LocalCIFAR10(args.data, train=True, transform=to_tensor)
     names = [args.only] if args.only else list(SETTINGS)
     for name in names:
         setting = SETTINGS[name]
