@@ -56,6 +56,22 @@ def _is_link_failure(err: BaseException) -> bool:
                                    "broken pipe", "gloo", "socket", "peer"))
 
 
+class _DeviceBridge(torch.nn.Module):
+    """Runs ``module`` on ``compute`` while the pipeline stage around it lives (and communicates) on ``comm``."""
+
+    def __init__(self, module: torch.nn.Module, *, compute: torch.device, comm: torch.device, sends: bool) -> None:
+        super().__init__()
+        self.module, self.compute, self.comm, self.sends = module, compute, comm, sends
+
+    def forward(self, *args: Any) -> Any:
+        out = self.module(*(a.to(self.compute) if isinstance(a, torch.Tensor) else a for a in args))
+        if not self.sends:  # the last stage's output stays where the loss and the metrics are
+            return out
+        if isinstance(out, tuple):
+            return tuple(o.to(self.comm) if isinstance(o, torch.Tensor) else o for o in out)
+        return out.to(self.comm)
+
+
 class SplitPipeline:
     """Both ranks' side of a two-rank U-shaped pipeline (see the module docstring).
 
@@ -83,7 +99,14 @@ class SplitPipeline:
         self.timeout = timeout
         self.meter = meter if meter is not None else LinkMeter()
         self.wire = WirePlan.parse(wire)
-        self._modules = split.stages()
+        # gloo carries CPU tensors only: with a GPU rank on gloo (the report's CPU client + GPU server), the
+        # stages talk on the CPU and a bridge moves each stage's inputs to the GPU and its outputs back.
+        self.comm_device = torch.device("cpu") if dist.get_backend() == "gloo" else device
+        modules = split.stages()
+        if self.comm_device != device:
+            modules = tuple(_DeviceBridge(m, compute=device, comm=self.comm_device, sends=idx < 2)
+                            for idx, m in enumerate(modules))
+        self._modules = modules
         self._schedules: OrderedDict[tuple, USchedule] = OrderedDict()
         self._cache_size = cache_size
         self._loss_fn: Callable | None = None
@@ -117,9 +140,9 @@ class SplitPipeline:
 
     # -- header and stage cache ---------------------------------------------------------------------------------
     def _schedule_for(self, kind: int, inputs: tuple) -> USchedule:
-        header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
+        header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=self.comm_device)
         if self.is_client:
-            header.copy_(self._encode_header(kind, inputs))
+            header.copy_(self._encode_header(kind, inputs).to(self.comm_device))
         with self._link_errors("the step header"):
             dist.broadcast(header, src=CLIENT)
         key = tuple(header.tolist())
@@ -161,7 +184,8 @@ class SplitPipeline:
 
     def _build(self, kind: int, *, n_microbatches: int) -> USchedule:
         head, server, tail = self._modules
-        make = lambda mod, idx: MeteredStage(mod, idx, 3, self.device, meter=self.meter, wire=self.wire)  # noqa: E731
+        make = lambda mod, idx: MeteredStage(mod, idx, 3, self.comm_device, meter=self.meter,  # noqa: E731
+                                             wire=self.wire)
         stages = [make(head, 0), make(tail, 2)] if self.is_client else [make(server, 1)]
         loss_fn = self._dispatch_loss if kind == _TRAIN else None
         log.debug("rank %d: new %s schedule with %d micro-batches", self.rank, _KINDS[kind], n_microbatches)

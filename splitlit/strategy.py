@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
@@ -136,8 +137,10 @@ class SplitPipelineStrategy(DDPStrategy):
         self._sync_server_weights(module)
         _to_meta_except(module, owned, self.root_device)
         self._owned = [p for p in module.parameters() if not p.is_meta]
-        # 3. Metrics live on the client only: never let torchmetrics wait for the server.
+        # 3. Metrics live on the client only: never let torchmetrics wait for the server, and silence
+        #    Lightning's advice to sync_dist logged values (there is nothing on the server to sync with).
         _disable_metric_sync(module)
+        warnings.filterwarnings("ignore", message=r".*sync_dist=True.*distributed setting.*")
         # 4. The pipeline over this rank's stages.
         self.pipeline = SplitPipeline(self.split, rank=self.global_rank, device=self.root_device,
                                       chunks=self.chunks, order=self.order, timeout=self.timeout_s,
@@ -309,7 +312,8 @@ class SplitPipelineStrategy(DDPStrategy):
     def _clip_grad_by_global_norm(self, optimizer: Any, clip_val: float) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         local = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-        squared = (local.double() ** 2).cpu()
+        assert self.pipeline is not None
+        squared = (local.double() ** 2).to(self.pipeline.comm_device)
         dist.all_reduce(squared)  # both ranks clip by the norm of the whole model's gradient
         if params:
             total = squared.sqrt().to(device=params[0].grad.device, dtype=local.dtype)
