@@ -1,1 +1,13 @@
-"""Lightning callbacks that measure what crosses the link between client and server."""
+"""Lightning callbacks that measure what crosses the link between client and server, and how training went.
+
+- :class:`LinkTrafficMonitor`: bytes per chunk on each cut and direction, compression rate, average and peak
+  bandwidth.
+- :class:`PipelineTimingMonitor`: wall time per batch, each rank's computation and waiting, the pipeline bubble.
+- :class:`BestMetric`: best epoch and value of validation metrics, and their final value, in the run summary.
+"""
+
+from callbacks.best_metric import BestMetric
+from callbacks.link_traffic_monitor import LinkTrafficMonitor
+from callbacks.pipeline_timing_monitor import PipelineTimingMonitor
+
+__all__ = ["BestMetric", "LinkTrafficMonitor", "PipelineTimingMonitor"]

@@ -1,22 +1,284 @@
-"""The LightningCLI shared by the experiments: YAML presets from ``experiments/configs``, loggers, defaults."""
+"""The LightningCLI shared by the experiments: YAML presets from ``experiments/configs``, loggers, callbacks.
+
+Unless the command line or a preset says otherwise, every run gets:
+
+- a run folder ``<trainer.default_root_dir>/<run name>/`` holding ``metrics.csv`` and ``hparams.yaml``
+  (``CSVLogger``), ``config.yaml`` (the CLI's), ``run.json`` (the run config below), ``summary.json`` (best and
+  final metrics, the run's link and timing figures), ``checkpoints/`` and ``wandb/`` (the W&B run);
+- a W&B run through Lightning's ``WandbLogger``: offline unless ``WANDB_API_KEY`` is set (or ``wandb login``
+  stored a key) or ``--run.wandb online`` is given, so there is never a prompt. Its config is the run config:
+  every hyperparameter of the CLI, the split, the codecs, the chunks, the order and the link; its group is
+  the experiment (or ``--run.group``), its tags say the codec, the chunks and the preset;
+- the measurement callbacks :class:`~callbacks.LinkTrafficMonitor`, :class:`~callbacks.PipelineTimingMonitor`
+  and :class:`~callbacks.BestMetric` (``--run.monitor``), each unless one of its class is configured already.
+
+``--trainer.logger false`` turns the loggers (and so the run folder) off; explicit ``--trainer.logger``
+classes replace them. The link settings come from ``--run.link`` or the ``SPLITLIT_LINK_JSON`` environment
+variable (JSON text, or the path of a JSON file).
+"""
 
 from __future__ import annotations
 
+import inspect
+import json
+import netrc
+import os
+import re
+import secrets
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from typing_extensions import override
 
-__all__ = ["CONFIG_DIR", "run_cli"]
+from callbacks import BestMetric, LinkTrafficMonitor, PipelineTimingMonitor
+
+__all__ = ["CONFIG_DIR", "LINK_ENV", "RUN_FILE", "RunSettings", "SplitCLI", "run_cli", "wandb_mode"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+LINK_ENV = "SPLITLIT_LINK_JSON"
+RUN_FILE = "run.json"
+_RUN_NAME_ENV = "SPLITLIT_RUN_NAME"  # rank 0 hands its run name to the rank Lightning launches
+_WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+@dataclass
+class RunSettings:
+    """How a run is named, grouped and logged (``--run.*``).
+
+    Args:
+        name: run name and folder name; default ``<preset>-<codec>-c<chunks>-e<max_epochs>-<time>-<random>``.
+        group: W&B group; default the experiment (``cifar10_mobilenet``, ``cola_roberta``).
+        tags: extra W&B tags, added to ``codec=...``, ``chunks=...`` and ``preset=...``.
+        project: W&B project.
+        wandb: ``auto`` (online with an API key, else offline; ``WANDB_MODE`` is respected), ``online``,
+            ``offline`` or ``disabled`` (CSV only).
+        codec: the compression's name in tables and tags; default derived from the model's codecs and the wire.
+        link: the emulated link's settings, recorded in the run config; default from ``SPLITLIT_LINK_JSON``.
+        monitor: validation metrics whose best epoch and value :class:`~callbacks.BestMetric` tracks.
+    """
+
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    project: str = "splitlit"
+    wandb: str = "auto"
+    codec: str | None = None
+    link: dict[str, Any] | None = None
+    monitor: list[str] = field(default_factory=lambda: ["val/mcc", "val/acc"])
+
+
+class SplitCLI(LightningCLI):
+    """LightningCLI with the run folder, the W&B and CSV loggers and the measurement callbacks by default."""
+
+    def __init__(self, *args: Any, experiment: str = "splitlit", **kwargs: Any) -> None:
+        self.experiment = experiment
+        self.run_config: dict[str, Any] = {}
+        super().__init__(*args, **kwargs)
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(RunSettings, "run", instantiate=False)
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        settings = RunSettings(**_plain(self._get(self.config_init, "run", default={})))
+        if settings.wandb not in _WANDB_MODES:
+            raise ValueError(f"--run.wandb {settings.wandb!r}: choose one of {_WANDB_MODES}.")
+        # 1. What the run is: the values every logger and table needs, decided once here.
+        self.run_config = self._describe_run(settings, config)
+        # 2. Loggers, unless the user chose them (explicit classes) or turned them off (false).
+        if config.get("logger") in (None, True) and "logger" not in kwargs:
+            kwargs["logger"] = _default_loggers(settings, self.run_config, config.get("default_root_dir") or "runs")
+        # 3. The measurement callbacks, unless one of the same class is configured.
+        callbacks = list(kwargs.pop("callbacks", None) or config.get("callbacks") or [])
+        defaults = [LinkTrafficMonitor(), PipelineTimingMonitor(), BestMetric(monitor=settings.monitor)]
+        callbacks += [cb for cb in defaults if not any(type(c) is type(cb) for c in callbacks)]
+        callbacks.append(_SaveRunConfig(self.run_config))
+        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+
+    def _describe_run(self, settings: RunSettings, trainer_config: dict[str, Any]) -> dict[str, Any]:
+        strategy = trainer_config.get("strategy")
+        split = self.model.configure_split() if hasattr(self.model, "configure_split") else None
+        chunks = getattr(strategy, "chunks", None)
+        wire = getattr(strategy, "wire", None)
+        codec = settings.codec or codec_label(split, wire)
+        presets = [Path(str(p)).stem for p in (self._get(self.config, "config") or [])]
+        preset = "+".join(presets) or self.experiment
+        max_epochs = trainer_config.get("max_epochs")
+        name = _run_name(settings.name, f"{preset}-{codec}-c{chunks or 'unsplit'}-e{max_epochs}")
+        return {
+            "experiment": self.experiment,
+            "group": settings.group or self.experiment,
+            "name": name,
+            "preset": preset,
+            "codec": codec,
+            "chunks": chunks,
+            "order": getattr(strategy, "order", None),
+            "strategy": type(strategy).__name__ if not isinstance(strategy, str) else strategy,
+            "split": describe_split(split) if chunks is not None else None,
+            "codecs": {"up": _describe_codec(getattr(split, "up", None)),
+                       "down": _describe_codec(getattr(split, "down", None)),
+                       "wire": wire.describe() if wire else {}},
+            "link": settings.link if settings.link is not None else link_from_env(),
+            "max_epochs": max_epochs,
+            "tags": _tags(codec, chunks, preset, settings.tags),
+            "command": " ".join(sys.argv),
+            **{k: v for k, v in _plain(self.config.get(str(self.subcommand), self.config)).items()
+               if k not in ("config", "run") and not k.startswith("_")},
+        }
 
 
 def run_cli(model_class: type, datamodule_class: type, *, default_config: str,
             args: list[str] | None = None) -> LightningCLI:
-    """Run LightningCLI with ``configs/<default_config>`` as the base every ``--config`` preset overrides."""
+    """Run the CLI with ``configs/<default_config>`` as the base every ``--config`` preset overrides."""
     default = str(CONFIG_DIR / default_config)
     parser_kwargs = {cmd: {"default_config_files": [default]} for cmd in SUBCOMMANDS}
-    return LightningCLI(model_class, datamodule_class, parser_kwargs=parser_kwargs,
-                        save_config_kwargs={"overwrite": True}, args=args if args is not None else sys.argv[1:])
+    return SplitCLI(model_class, datamodule_class, parser_kwargs=parser_kwargs, experiment=Path(default).stem,
+                    save_config_kwargs={"overwrite": True}, args=args if args is not None else sys.argv[1:])
+
+
+# -- loggers ----------------------------------------------------------------------------------------------------
+def wandb_mode(setting: str = "auto") -> str:
+    """``online``, ``offline`` or ``disabled``: the setting when explicit, else ``WANDB_MODE``, else online only
+    when an API key is configured (``WANDB_API_KEY`` or a ``wandb login`` entry in ``~/.netrc``)."""
+    if setting != "auto":
+        return setting
+    env = os.environ.get("WANDB_MODE", "").lower()
+    if env in ("online", "offline", "disabled"):
+        return env
+    if env == "dryrun":
+        return "offline"
+    return "online" if _wandb_key_configured() else "offline"
+
+
+def _wandb_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = re.sub(r"^https?://", "", os.environ.get("WANDB_BASE_URL", "api.wandb.ai")).split("/")[0]
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _default_loggers(settings: RunSettings, run: dict[str, Any], root: str) -> list[Logger]:
+    # The CSVLogger comes first: Lightning puts config.yaml and checkpoints in the first logger's folder.
+    csv = CSVLogger(save_dir=root, name="", version=run["name"])
+    loggers: list[Logger] = [csv]
+    mode = wandb_mode(settings.wandb)
+    if mode != "disabled":
+        loggers.append(WandbLogger(name=run["name"], save_dir=csv.log_dir, project=settings.project,
+                                   group=run["group"], tags=run["tags"], config=_json_safe(run),
+                                   offline=mode == "offline", mode=mode))
+    return loggers
+
+
+class _SaveRunConfig(Callback):
+    """Writes ``run.json`` (the run config W&B gets) into the run folder, from the client only."""
+
+    def __init__(self, run: dict[str, Any]) -> None:
+        self.run = run
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        csv = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+        if not trainer.is_global_zero or csv is None:
+            return  # (trainer.log_dir would be a collective: the CSV logger's folder is the run folder)
+        folder = Path(csv.log_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / RUN_FILE).write_text(json.dumps(_json_safe(self.run), indent=1) + "\n")
+
+
+def _run_name(explicit: str | None, stem: str) -> str:
+    if explicit:
+        return explicit
+    launched = int(os.environ.get("LOCAL_RANK", "0")) > 0  # the rank Lightning's launcher started: reuse rank 0's
+    if launched and os.environ.get(_RUN_NAME_ENV):
+        return os.environ[_RUN_NAME_ENV]
+    name = f"{_slug(stem)}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    os.environ[_RUN_NAME_ENV] = name
+    return name
+
+
+def _tags(codec: str, chunks: int | None, preset: str, extra: list[str]) -> list[str]:
+    tags = [f"codec={codec}", f"chunks={chunks if chunks is not None else 'unsplit'}", f"preset={preset}", *extra]
+    return [t[:64] for t in tags]  # W&B's limit
+
+
+# -- describing the split and the codecs -------------------------------------------------------------------------
+def codec_label(split: Any, wire: Any) -> str:
+    """A short name of the compression: ``none``, ``up:poweriter(rank=3) down:poweriter(rank=7)``, ``wire:...``."""
+    parts = [f"{cut}:{_describe_codec(getattr(split, cut, None))}" for cut in ("up", "down")
+             if getattr(split, cut, None) is not None]
+    parts += [f"wire:{key}={name}" for key, name in (wire.describe() if wire else {}).items()]
+    return " ".join(parts) or "none"
+
+
+def _describe_codec(codec: Any) -> str | None:
+    """``poweriter(rank=3)``: the codec's registered name and the arguments that differ from their defaults."""
+    if codec is None:
+        return None
+    from splitlit.codecs import CODECS
+
+    name = next((k for k, v in CODECS.items() if type(codec) is v), type(codec).__name__.lower())
+    defaults = {k: str(p.default) for k, p in inspect.signature(type(codec).__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    args = [a.strip() for a in codec.extra_repr().split(",") if "=" in a]
+    args = [a for a in args if defaults.get(a.split("=", 1)[0]) != a.split("=", 1)[1]]
+    return f"{name}({','.join(args)})"
+
+
+def describe_split(split: Any) -> dict[str, Any] | None:
+    """Which layers each side runs, and how many parameters it holds."""
+    if split is None:
+        return None
+
+    def part(module: Any) -> str:
+        children = [type(c).__name__ for c in module.children()]
+        inner = ", ".join(children[:6]) + (f", ... {len(children) - 6} more" if len(children) > 6 else "")
+        return f"{type(module).__name__}({inner})" if children else type(module).__name__
+
+    count = lambda modules: sum(p.numel() for m in modules for p in m.parameters())  # noqa: E731
+    return {"head": part(split.head), "body": part(split.body), "tail": part(split.tail),
+            "client_params": count(split.client_modules()), "server_params": count(split.server_modules())}
+
+
+def link_from_env() -> dict[str, Any] | None:
+    """The link settings in ``SPLITLIT_LINK_JSON``: JSON text, or the path of a JSON file; None when unset."""
+    value = os.environ.get(LINK_ENV, "").strip()
+    if not value:
+        return None
+    text = Path(value).read_text() if not value.startswith("{") and Path(value).is_file() else value
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{LINK_ENV}={value[:80]!r} is neither JSON text nor a JSON file: {err}. "
+                         f"Give e.g. '{{\"rate_mbit\": 100}}'.") from err
+
+
+# -- helpers --------------------------------------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text).strip("_")[:120]
+
+
+def _plain(value: Any) -> Any:
+    """A jsonargparse Namespace (or anything holding one) as plain dicts and lists."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))

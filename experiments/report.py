@@ -1,0 +1,282 @@
+"""The report's table and figures from finished runs.
+
+    python -m experiments.report runs/ --out reports/            # local run folders (searched recursively)
+    python -m experiments.report --wandb me/splitlit --group cifar10_mobilenet --out reports/   # W&B API (online)
+
+Writes into ``--out``:
+
+- ``table.md`` and ``table.csv``: one row per split run (the report's section 2.2 table): compress method,
+  compress rate, accuracy (best validation accuracy, %), bandwidth average, bandwidth peak client, bandwidth
+  peak server (MB/s, MB = 10**6 bytes), computation time, total time per batch (s) and chunks; the CSV also
+  names the run and its group. The figures are the runs' ``_run`` summaries written by :class:`~callbacks.LinkTrafficMonitor`,
+  :class:`~callbacks.PipelineTimingMonitor` and :class:`~callbacks.BestMetric`.
+- ``bandwidth_peak.png``, ``bandwidth_avg.png``, ``time_per_batch.png``, ``computation_time.png``: those
+  figures against chunks, one line per compress method (the report's figures 6-9; runs that share a group, a
+  method and a chunk count are averaged; with several groups each line is one method of one group).
+- ``val_mcc_<group>.png`` / ``val_acc_<group>.png``: the validation metric against epoch, one line per run of
+  the group (e.g. the 10, 20, 40, 80-epoch runs of ``experiments.sweep``), the best epoch marked (figures 1-4).
+  Epochs are counted from 1 here (``summary.json``'s ``*_best_epoch`` is Lightning's 0-based epoch).
+
+It prints which runs it used, and stops with an error naming the run and the missing figure when a run lacks
+one it needs. Each PNG is 800 x 500 pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+__all__ = ["FIGURE_PIXELS", "ReportError", "Run", "build_table", "load_runs", "load_wandb_runs", "main",
+           "write_report"]
+
+RUN_FILE, SUMMARY_FILE, METRICS_FILE = "run.json", "summary.json", "metrics.csv"
+FIGURE_SIZE, FIGURE_DPI = (8, 5), 100
+FIGURE_PIXELS = (FIGURE_SIZE[0] * FIGURE_DPI, FIGURE_SIZE[1] * FIGURE_DPI)
+CURVE_METRICS = ("val/mcc", "val/acc")
+
+# table column -> (summary key, scale, Markdown format)
+TABLE = {
+    "compress_rate": ("link/compress_rate_run", 1.0, "{:.3f}"),
+    "acc": ("val/acc_best", 100.0, "{:.2f}"),
+    "bandwidth_avg_MBps": ("link/bandwidth_avg_MBps_run", 1.0, "{:.2f}MB/s"),
+    "bandwidth_peak_client_MBps": ("link/bandwidth_peak_client_MBps_run", 1.0, "{:.0f}MB/s"),
+    "bandwidth_peak_server_MBps": ("link/bandwidth_peak_server_MBps_run", 1.0, "{:.0f}MB/s"),
+    "computation_time_s": ("time/compute_s_run", 1.0, "{:.3f}s"),
+    "time_per_batch_s": ("time/batch_s_run", 1.0, "{:.3f}s"),
+}
+HEADERS = {"compress_method": "Compress Method", "compress_rate": "Compress Rate", "acc": "Acc",
+           "bandwidth_avg_MBps": "Bandwidth(Avg)", "bandwidth_peak_client_MBps": "Bandwidth(Peak,Client)",
+           "bandwidth_peak_server_MBps": "Bandwidth(Peak,Server)", "computation_time_s": "Computation Time",
+           "time_per_batch_s": "Total Time per batch", "chunks": "Chunk"}
+FIGURES = {  # file -> (title, y label, [(table column, line style label)])
+    "bandwidth_peak.png": ("Peak bandwidth", "MB/s", [("bandwidth_peak_client_MBps", "client"),
+                                                      ("bandwidth_peak_server_MBps", "server")]),
+    "bandwidth_avg.png": ("Average bandwidth", "MB/s", [("bandwidth_avg_MBps", "")]),
+    "time_per_batch.png": ("Time per batch", "s", [("time_per_batch_s", "")]),
+    "computation_time.png": ("Computation time per batch", "s", [("computation_time_s", "")]),
+}
+
+
+class ReportError(RuntimeError):
+    """A run cannot give a figure the report needs: the message names the run and the figure."""
+
+
+@dataclass
+class Run:
+    """One finished run: its config (``run.json``), its summary and its logged metrics (one row per log call)."""
+
+    name: str
+    source: str
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    metrics: pd.DataFrame = field(repr=False)
+
+    @property
+    def split(self) -> bool:
+        return self.config.get("chunks") is not None
+
+    @property
+    def group(self) -> str:
+        return str(self.config.get("group") or self.config.get("experiment") or "runs")
+
+
+# -- reading runs -------------------------------------------------------------------------------------------------
+def load_runs(paths: Iterable[str | Path]) -> list[Run]:
+    """Run folders given directly, or found (by their ``run.json``) anywhere under the given folders."""
+    folders: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise ReportError(f"{path}: no such folder. Give run folders or a folder holding them (e.g. runs/).")
+        folders += [path] if (path / RUN_FILE).is_file() else sorted(p.parent for p in path.rglob(RUN_FILE))
+    runs = []
+    for folder in dict.fromkeys(folders):
+        metrics = folder / METRICS_FILE
+        if not metrics.is_file():
+            raise ReportError(f"run {folder}: no {METRICS_FILE}. Was it run with --trainer.logger false?")
+        summary = folder / SUMMARY_FILE
+        runs.append(Run(name=folder.name, source=str(folder), config=json.loads((folder / RUN_FILE).read_text()),
+                        summary=json.loads(summary.read_text()) if summary.is_file() else {},
+                        metrics=pd.read_csv(metrics)))
+    return runs
+
+
+def load_wandb_runs(path: str, group: str | None = None) -> list[Run]:  # pragma: no cover - needs W&B's servers
+    """Finished runs of a W&B project ``entity/project`` (optionally one group), through the public API."""
+    import wandb
+
+    api = wandb.Api()
+    runs = []
+    for r in api.runs(path, filters={"group": group} if group else None):
+        if r.state != "finished":
+            continue
+        summary = {k: r.summary[k] for k in r.summary.keys() if not k.startswith("_")}
+        runs.append(Run(name=r.name, source=r.url, config=dict(r.config), summary=summary,
+                        metrics=pd.DataFrame(list(r.scan_history()))))
+    return runs
+
+
+# -- the table ----------------------------------------------------------------------------------------------------
+def build_table(runs: Sequence[Run]) -> pd.DataFrame:
+    """One row per split run, columns as in the report plus ``run``; refuses a split run missing a figure."""
+    rows = []
+    for run in runs:
+        if not run.split:
+            continue
+        missing = [key for key, _, _ in TABLE.values() if not _finite(run.summary.get(key))]
+        if missing:
+            raise ReportError(
+                f"run {run.source}: the table needs {missing}, which its summary lacks. Run it with the default "
+                f"callbacks (LinkTrafficMonitor, PipelineTimingMonitor, BestMetric monitoring val/acc) to the end "
+                f"of at least one epoch, or leave it out."
+            )
+        row = {"compress_method": run.config.get("codec", "none")}
+        row.update({col: float(run.summary[key]) * scale for col, (key, scale, _) in TABLE.items()})
+        row.update(chunks=int(run.config["chunks"]), run=run.name, group=run.group)
+        rows.append(row)
+    columns = ["compress_method", *TABLE, "chunks", "run", "group"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["compress_method", "chunks"], kind="stable")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def table_markdown(table: pd.DataFrame) -> str:
+    columns = list(HEADERS)
+    lines = ["| " + " | ".join(HEADERS[c] for c in columns) + " |", "|" + "---|" * len(columns)]
+    for _, row in table.iterrows():
+        cells = [str(row["compress_method"])]
+        cells += [TABLE[c][2].format(row[c]) for c in TABLE]
+        cells.append(str(int(row["chunks"])))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -- figures ------------------------------------------------------------------------------------------------------
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=FIGURE_SIZE, dpi=FIGURE_DPI)
+    return plt, fig, ax
+
+
+def plot_against_chunks(table: pd.DataFrame, file: str, out: Path) -> Path:
+    title, unit, series = FIGURES[file]
+    plt, fig, ax = _figure()
+    means = table.groupby(["group", "compress_method", "chunks"], as_index=False).mean(numeric_only=True)
+    several = means["group"].nunique() > 1  # then a line is one compress method of one experiment
+    for i, ((group, method), rows) in enumerate(means.groupby(["group", "compress_method"], sort=True)):
+        method = f"{group}: {method}" if several else method
+        for (column, role), style in zip(series, ("-o", "--s")):
+            ax.plot(rows["chunks"], rows[column], style, color=f"C{i}",
+                    label=f"{method} ({role})" if role else str(method))
+    ax.set(title=f"{title} against chunks per compress method", xlabel="chunks", ylabel=unit)
+    ax.set_xticks(sorted(table["chunks"].unique()))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(plt, fig, out / file)
+
+
+def curve(run: Run, metric: str) -> pd.DataFrame:
+    """The validation ``metric`` per epoch (its last value in each epoch); refuses a run that never logged it."""
+    frame = run.metrics
+    if metric not in frame or frame[metric].notna().sum() == 0 or "epoch" not in frame:
+        raise ReportError(f"run {run.source}: no {metric!r} per epoch in its metrics, which the {metric} figure of "
+                          f"group {run.group!r} needs. Logged: {sorted(c for c in frame.columns if c != 'step')}.")
+    values = frame[["epoch", metric]].dropna().groupby("epoch", as_index=False).last()
+    return values.sort_values("epoch")
+
+
+def plot_curves(runs: Sequence[Run], metric: str, out: Path) -> Path:
+    plt, fig, ax = _figure()
+    group = runs[0].group
+    for i, run in enumerate(sorted(runs, key=lambda r: (r.config.get("max_epochs") or 0, r.name))):
+        values = curve(run, metric)
+        epochs, scores = values["epoch"] + 1, values[metric]
+        best = int(scores.to_numpy().argmax())  # the first epoch with the largest value, as BestMetric keeps it
+        label = f"{run.config.get('max_epochs', '?')} epochs ({run.name})"
+        ax.plot(epochs, scores, "-", color=f"C{i}", label=label)
+        ax.plot(epochs.iloc[best], scores.iloc[best], "*", color=f"C{i}", markersize=14,
+                label=f"best: epoch {int(epochs.iloc[best])}, {scores.iloc[best]:.4f}")
+    name = {"val/mcc": "Matthews correlation", "val/acc": "accuracy"}.get(metric, metric)
+    ax.set(title=f"Validation {name} against epoch ({group})", xlabel="epoch (1 = the first)", ylabel=metric)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(plt, fig, out / f"{metric.replace('/', '_')}_{_slug(group)}.png")
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.savefig(path, dpi=FIGURE_DPI)  # no bbox_inches="tight": every figure keeps FIGURE_PIXELS
+    plt.close(fig)
+    return path
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+# -- the command --------------------------------------------------------------------------------------------------
+def write_report(runs: Sequence[Run], out: Path, *, log=print) -> list[Path]:
+    """Write the table, figures 6-9 (from split runs) and the epoch curves (per group); returns the files."""
+    if not runs:
+        raise ReportError("No runs found. Give run folders (with run.json and metrics.csv) or --wandb.")
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    table = build_table(runs)
+    if len(table):
+        log(f"Table and figures 6-9 from {len(table)} split runs:")
+        for _, row in table.iterrows():
+            log(f"  {row['run']}: {row['compress_method']}, chunks {row['chunks']}")
+        table.to_csv(out / "table.csv", index=False)
+        (out / "table.md").write_text(table_markdown(table))
+        written += [out / "table.csv", out / "table.md"]
+        written += [plot_against_chunks(table, file, out) for file in FIGURES]
+    else:
+        log("No split run (chunks set): no table and no figures 6-9.")
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.group, []).append(run)
+    for group, members in sorted(groups.items()):
+        metrics = [m for m in CURVE_METRICS if any(m in r.metrics and r.metrics[m].notna().any() for r in members)]
+        for metric in metrics:
+            path = plot_curves(members, metric, out)
+            log(f"{path.name}: {metric} against epoch from {', '.join(r.name for r in members)}")
+            written.append(path)
+    for path in written:
+        log(f"wrote {path}")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="*", default=[], help="run folders, or folders holding them (default: runs)")
+    parser.add_argument("--out", default="reports", help="where to write the table and figures")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read finished runs from W&B's API instead")
+    parser.add_argument("--group", help="only the runs of this group (W&B group / run.json group)")
+    args = parser.parse_args(argv)
+    try:
+        runs = load_wandb_runs(args.wandb, args.group) if args.wandb else load_runs(args.runs or ["runs"])
+        if args.group:
+            runs = [r for r in runs if r.group == args.group]
+        write_report(runs, Path(args.out))
+    except ReportError as err:
+        print(f"experiments.report: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""``experiments.report`` on fixture runs: the report's table, figures 6-9 and the epoch curves, as real PNGs."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pandas as pd
+import pytest
+
+from experiments import report
+from tests.fixtures.report_runs import make_runs, write_run
+
+EXPECTED_PNGS = ["bandwidth_avg.png", "bandwidth_peak.png", "computation_time.png", "time_per_batch.png",
+                 "val_acc_cifar10_mobilenet.png", "val_acc_cola_gpipe-sweep.png", "val_mcc_cola_gpipe-sweep.png"]
+
+
+def png_size(path) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk; fails on anything that is not a PNG."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path.name} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_report_writes_table_and_every_png(tmp_path, capsys):
+    """Table in Markdown and CSV with one row per split run; every figure is an 800x500 PNG; runs are listed."""
+    make_runs(tmp_path / "runs")
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.png")) == EXPECTED_PNGS
+    for png in out.glob("*.png"):
+        assert png_size(png) == report.FIGURE_PIXELS == (800, 500)
+    table = pd.read_csv(out / "table.csv")
+    assert list(table.columns) == ["compress_method", "compress_rate", "acc", "bandwidth_avg_MBps",
+                                   "bandwidth_peak_client_MBps", "bandwidth_peak_server_MBps", "computation_time_s",
+                                   "time_per_batch_s", "chunks", "run", "group"]
+    assert len(table) == 6 and sorted(table["chunks"].unique()) == [1, 4, 8]
+    none4 = table[(table["compress_method"] == "none") & (table["chunks"] == 4)].iloc[0]
+    assert none4["acc"] == pytest.approx(94.0) and none4["bandwidth_avg_MBps"] == pytest.approx(400.0)
+    markdown = (out / "table.md").read_text().splitlines()
+    assert markdown[0].startswith("| Compress Method | Compress Rate | Acc | Bandwidth(Avg)")
+    assert "| none | 1.000 | 94.00 | 400.00MB/s | 450MB/s | 440MB/s | 0.420s | 2.575s | 4 |" in markdown
+    printed = capsys.readouterr().out
+    assert "from 6 split runs" in printed and "cola-e10, cola-e20" in printed
+
+
+def test_curves_mark_the_first_best_epoch(tmp_path):
+    """The best epoch of a curve is the first epoch with the largest value."""
+    runs = report.load_runs([p for p in make_runs(tmp_path) if p.name.startswith("cola")])
+    values = report.curve(runs[0], "val/mcc")
+    assert list(values["epoch"]) == list(range(len(values)))
+    assert values["val/mcc"].iloc[3] == values["val/mcc"].iloc[4] == values["val/mcc"].max()
+    assert int(values["val/mcc"].to_numpy().argmax()) == 3  # the tie at epochs 3 and 4 goes to the first
+
+
+def test_report_refuses_a_split_run_without_link_figures(tmp_path, capsys):
+    """A split run whose summary lacks the bandwidth is refused by name, with exit status 2."""
+    make_runs(tmp_path / "runs")
+    folder = write_run(tmp_path / "runs", "broken", {"group": "cifar10_mobilenet", "codec": "none", "chunks": 4},
+                       {"val/acc_best": 0.9}, [{"epoch": 0, "val/acc": 0.9}])
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"run {folder}: the table needs ['link/compress_rate_run', 'link/bandwidth_avg_MBps_run'" in err
+
+
+def test_report_refuses_a_run_missing_its_groups_curve(tmp_path):
+    """In a group where other runs logged val/mcc, a run without it cannot be drawn: the error names both."""
+    make_runs(tmp_path)
+    write_run(tmp_path, "no-mcc", {"group": "cola_gpipe-sweep", "codec": "none", "chunks": None, "max_epochs": 40},
+              {}, [{"epoch": 0, "val/acc": 0.7}])
+    with pytest.raises(report.ReportError, match=r"no-mcc: no 'val/mcc' per epoch.*group 'cola_gpipe-sweep'"):
+        report.write_report(report.load_runs([tmp_path]), tmp_path / "out", log=lambda *_: None)
+
+
+def test_report_without_runs_says_where_it_looked(tmp_path, capsys):
+    """A missing folder is named in the error."""
+    assert report.main([str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: no such folder" in capsys.readouterr().err
+
+
+def test_run_json_round_trip(tmp_path):
+    """load_runs reads the config, summary and metrics that the fixture (and the CLI) write."""
+    folder = make_runs(tmp_path)[0]
+    run = report.load_runs([folder])[0]
+    assert run.config == json.loads((folder / "run.json").read_text()) and run.split and run.group == "cifar10_mobilenet"
+
+
+def test_sweep_runs_each_epoch_count_in_one_group(capsys):
+    """experiments.sweep: one fit per epoch count (x chunks), all with the same --run.group, extra args last."""
+    from experiments import sweep
+
+    assert sweep.main(["--experiment", "experiments.cola_roberta", "--config", "experiments/configs/cola_gpipe.yaml",
+                       "--epochs", "10", "20", "40", "80", "--group", "g", "--dry-run", "--", "--data.batch_size",
+                       "8"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert len(lines) == 4
+    for line, epochs in zip(lines, (10, 20, 40, 80)):
+        assert f"--trainer.max_epochs {epochs} --run.group g --run.name cola_gpipe-e{epochs}-" in line
+        assert line.endswith("--data.batch_size 8") and "-m experiments.cola_roberta fit --config" in line

@@ -1,0 +1,108 @@
+"""The CLI's logging defaults in one process: W&B mode, run folder, run config, and ``--trainer.logger false``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+
+import pytest
+from torch import nn
+
+import experiments.cli as cli
+from splitlit import Split
+from splitlit.codecs import ConvInsert, PowerIteration
+from splitlit.wire import WirePlan
+from tests.scripts.metrics_fit import BASE, RandomImages, TinyNet
+
+UNSPLIT = ["--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.max_epochs", "1",
+           "--data.train_batches", "2", "--data.val_batches", "1"]
+
+
+@pytest.fixture
+def base_config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(BASE)
+    return str(path)
+
+
+def run(base_config: str, *args: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "both args and command line arguments", the unsplit traffic warning
+        return cli.run_cli(TinyNet, RandomImages, default_config=base_config, args=["fit", *UNSPLIT, *args])
+
+
+@pytest.mark.parametrize(("setting", "env", "expected"), [
+    ("auto", {}, "offline"),
+    ("auto", {"WANDB_API_KEY": "k" * 40}, "online"),
+    ("auto", {"WANDB_MODE": "disabled", "WANDB_API_KEY": "k" * 40}, "disabled"),
+    ("online", {"WANDB_MODE": "offline"}, "online"),
+    ("offline", {"WANDB_API_KEY": "k" * 40}, "offline"),
+])
+def test_wandb_mode_is_offline_without_a_key(monkeypatch, tmp_path, setting, env, expected):
+    """auto: WANDB_MODE if set, else online only with an API key; an explicit setting wins."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from `wandb login`
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert cli.wandb_mode(setting) == expected
+
+
+def test_wandb_mode_finds_a_netrc_key(monkeypatch, tmp_path):
+    """A key stored by `wandb login` in ~/.netrc counts as configured."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert cli.wandb_mode() == "online"
+
+
+def test_codec_labels_name_codecs_by_their_non_default_arguments():
+    """Model codecs by registered name and changed arguments, wire codecs by cut and name, else 'none'."""
+    head, body, tail = nn.Identity(), nn.Identity(), nn.Identity()
+    split = Split(head, body, tail, up=PowerIteration(3), down=ConvInsert(1280, 320))
+    wire = WirePlan.parse({"up.gradient": "fp16"})
+    assert cli.codec_label(split, wire) == ("up:poweriter(rank=3) down:convinsert(in_channels=1280,code_channels=320,stride=1) "
+                                            "wire:up.gradient=fp16")
+    assert cli.codec_label(Split(head, body, tail), None) == "none"
+
+
+def test_link_settings_from_the_environment(monkeypatch, tmp_path):
+    """SPLITLIT_LINK_JSON takes JSON text or a file; anything else is refused with the variable named."""
+    monkeypatch.setenv(cli.LINK_ENV, '{"rate_mbit": 100}')
+    assert cli.link_from_env() == {"rate_mbit": 100}
+    (tmp_path / "link.json").write_text('{"rate_mbit": 10}')
+    monkeypatch.setenv(cli.LINK_ENV, str(tmp_path / "link.json"))
+    assert cli.link_from_env() == {"rate_mbit": 10}
+    monkeypatch.setenv(cli.LINK_ENV, "100mbit")
+    with pytest.raises(ValueError, match="SPLITLIT_LINK_JSON='100mbit' is neither JSON"):
+        cli.link_from_env()
+
+
+def test_default_run_folder_without_wandb(base_config, tmp_path):
+    """--run.wandb disabled: a CSV run folder with run.json, summary.json and time/batch_s (unsplit: no link keys)."""
+    root = tmp_path / "runs"
+    result = run(base_config, "--trainer.default_root_dir", str(root), "--run.wandb", "disabled",
+                 "--run.name", "tiny", "--run.group", "g")
+    folder = root / "tiny"
+    assert [type(lg).__name__ for lg in result.trainer.loggers] == ["CSVLogger"]
+    with open(folder / "metrics.csv") as f:
+        columns = set(next(csv.reader(f)))
+    assert {"time/batch_s", "time/batch_s_epoch", "val/acc_best"} <= columns
+    assert not any(c.startswith("link/") for c in columns)
+    run_config = json.loads((folder / "run.json").read_text())
+    assert (run_config["name"], run_config["group"], run_config["chunks"], run_config["split"]) == ("tiny", "g",
+                                                                                                   None, None)
+    assert "val/acc_best_epoch" in json.loads((folder / "summary.json").read_text())
+
+
+def test_logger_false_turns_the_loggers_off(base_config, tmp_path):
+    """--trainer.logger false: no logger and no run folder; the callbacks are still there and harmless."""
+    root = tmp_path / "runs"
+    result = run(base_config, "--trainer.default_root_dir", str(root), "--trainer.logger", "false")
+    assert result.trainer.loggers == []
+    assert {"LinkTrafficMonitor", "PipelineTimingMonitor", "BestMetric"} <= {
+        type(cb).__name__ for cb in result.trainer.callbacks}
+    assert not root.exists() or not any(root.rglob("run.json"))
