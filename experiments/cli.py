@@ -142,7 +142,7 @@ def run_cli(model_class: type, datamodule_class: type, *, default_config: str,
     default = str(CONFIG_DIR / default_config)
     parser_kwargs = {cmd: {"default_config_files": [default]} for cmd in SUBCOMMANDS}
     return SplitCLI(model_class, datamodule_class, parser_kwargs=parser_kwargs, experiment=Path(default).stem,
-                    save_config_kwargs={"overwrite": True}, args=args if args is not None else sys.argv[1:])
+                    save_config_kwargs={"overwrite": True}, args=args)  # None: LightningCLI reads sys.argv
 
 
 # -- loggers ----------------------------------------------------------------------------------------------------

@@ -133,11 +133,14 @@ class CoLADataModule(L.LightningDataModule):
         eval_batch_size: dev sentences per batch (default: ``batch_size``).
         train_subset: train on the first N sentences only (quick runs); ``None`` for all.
         num_workers: DataLoader workers.
+        seed: seed of the training order. The order has a generator of its own, not the global RNG, so runs that
+            consume random numbers differently (split vs unsplit: the strategy re-seeds at set-up) see the same
+            batches.
     """
 
     def __init__(self, tokenizer: str = "roberta-base", data_dir: str | None = None, max_length: int = 128,
                  batch_size: int = 32, eval_batch_size: int | None = None, train_subset: int | None = None,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, seed: int = 0) -> None:
         super().__init__()
         if max_length < 8 or batch_size < 1:
             raise ValueError(f"CoLADataModule: max_length={max_length} must be >= 8 and batch_size={batch_size} "
@@ -180,13 +183,15 @@ class CoLADataModule(L.LightningDataModule):
         return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"],
                 "labels": torch.tensor([r["labels"] for r in rows], dtype=torch.long)}
 
-    def _loader(self, data: Any, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, data: Any, batch_size: int, generator: torch.Generator | None = None) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
-                          num_workers=workers, persistent_workers=workers > 0)
+        return DataLoader(data, batch_size=batch_size, shuffle=generator is not None, generator=generator,
+                          collate_fn=self.collate, num_workers=workers, persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+        # A new permutation every epoch, drawn from this generator only.
+        order = torch.Generator().manual_seed(self.hparams.seed)
+        return self._loader(self.train_set, self.hparams.batch_size, order)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dev_set, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
+        return self._loader(self.dev_set, self.hparams.eval_batch_size or self.hparams.batch_size)

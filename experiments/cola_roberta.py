@@ -28,7 +28,6 @@ from splitlit import Split
 
 __all__ = ["CoLAClassifier", "MatthewsCorrCoef", "PRESETS", "load_encoder", "main", "split_encoder"]
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 PRESETS = {
     "cola_roberta": "the default: roberta-base, GPipe settings, split on two ranks (chunks 4), 20 epochs",
     "cola_lora": "LoRA reproduction: r=8, alpha=16, lr 4e-4, batch 32, 80 epochs, warmup 6%, wd 0.1, max length 512",
@@ -59,7 +58,10 @@ def _extended_mask(config: Any, hidden: Tensor, attention_mask: Tensor) -> Any:
     """The mask the attention layers take, built as the HF encoder builds it (None when nothing is padded)."""
     from transformers.masking_utils import create_bidirectional_mask
 
-    return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
+    # On meta tensors (SplitPipelineStrategy's shape-only composition check) the "nothing padded" shortcut
+    # cannot look at the values; the full mask has the same shape and meaning.
+    return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                     allow_is_bidirectional_skip=not attention_mask.is_meta)
 
 
 class EncoderHead(nn.Module):
@@ -209,9 +211,12 @@ class CoLAClassifier(L.LightningModule):
         model = load_encoder(model_name_or_path, pretrained=pretrained, config_overrides=config_overrides)
         head, body, tail = split_encoder(model)  # taken before peft, which swaps query/value for LoRA layers
         self.model = _add_lora(model, tail, lora_r, lora_alpha, lora_dropout) if lora_r else model
+        # from_pretrained() returns the model in eval mode, and Lightning keeps the mode it finds: without this,
+        # dropout would stay off in training.
+        self.model.train()
         self.up_codec = up_codec
         self.down_codec = down_codec
-        self.train_mcc, self.val_mcc = MatthewsCorrCoef(), MatthewsCorrCoef()
+        self.val_mcc = MatthewsCorrCoef()
         self.val_acc = BinaryAccuracy()
         self._split: Split | None = None
 
@@ -243,8 +248,9 @@ class CoLAClassifier(L.LightningModule):
         logits = self(*self.split_inputs(batch)).float()
         labels = batch["labels"]
         preds = logits.argmax(-1)
-        self.val_mcc.update(preds, labels)
-        self.val_acc.update(preds, labels)
+        # Called (not .update()): forward re-reads sync_on_compute, which SplitPipelineStrategy turns off.
+        self.val_mcc(preds, labels)
+        self.val_acc(preds, labels)
         self.log("val/loss", F.cross_entropy(logits, labels), prog_bar=True, batch_size=labels.shape[0])
         self.log("val/mcc", self.val_mcc, prog_bar=True)
         self.log("val/acc", self.val_acc)
@@ -281,10 +287,14 @@ def presets_help() -> str:
 def main(args: list[str] | None = None) -> None:
     from experiments.cli import run_cli
 
-    args = list(sys.argv[1:] if args is None else args)
-    if not args:
-        args = ["fit"]  # the command users type first runs the default preset
-    if args[0] in ("-h", "--help"):
+    # No arguments: fit the default preset (the command users type first). Lightning's launcher re-runs
+    # sys.argv for rank 1, so the subcommand goes there too.
+    if args is None and len(sys.argv) == 1:
+        sys.argv.append("fit")
+    elif args is not None and not args:
+        args = ["fit"]
+    given = sys.argv[1:] if args is None else args
+    if given and given[0] in ("-h", "--help"):
         print(presets_help() + "\n")
     run_cli(CoLAClassifier, CoLADataModule, default_config="cola_roberta.yaml", args=args)
 

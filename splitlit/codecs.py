@@ -11,8 +11,9 @@ which pass through untouched). The same modules run unsplit (``codec(x)`` = deco
 effect on accuracy can be studied in one process.
 
 A learned codec inserted into a pretrained network must start close to the identity on the activations it
-carries: :func:`calibrate` (or the :class:`CodecCalibration` callback) initialises ConvInsert from the
-principal components of a few calibration batches and can warm it up on a reconstruction loss.
+carries: :func:`calibrate` (or the ``callbacks.CodecCalibration`` callback) initialises ConvInsert from the
+principal components of a few calibration batches, can warm it up on a reconstruction loss, and can distil
+the codecs so that the tail receives what it would without them.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
 from splitlit.split import Split, as_tuple
@@ -34,10 +35,10 @@ __all__ = [
     "CODECS",
     "REPORT_CODECS",
     "Codec",
-    "CodecCalibration",
     "ConvInsert",
     "PowerIteration",
     "calibrate",
+    "distill",
     "make_codec",
     "report_codecs",
 ]
@@ -244,7 +245,7 @@ class ConvInsert(Codec):
         stride / padding: of the encoder's convolution; the decoder inverts the geometry, so the activation's
             ``H + 2*padding - kernel_size`` must be a multiple of ``stride`` (checked on the first batch).
 
-    Fresh layers wreck a pretrained network: initialise with :func:`calibrate` / :class:`CodecCalibration`.
+    Fresh layers wreck a pretrained network: initialise with :func:`calibrate` (``callbacks.CodecCalibration``).
     """
 
     def __init__(self, in_channels: int, code_channels: int, kernel_size: int = 1, stride: int | None = None,
@@ -366,12 +367,39 @@ def report_codecs(name: str, **overrides: Any) -> tuple[Codec | None, Codec | No
 
 
 # ---------------------------------------------------------------------------------------------------------------
+_BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
+
+
+@contextmanager
+def _calibration_mode(parts: list[nn.Module], batch_stats: bool) -> Iterator[None]:
+    """Every module in eval mode, but BatchNorm on batch statistics if ``batch_stats``; all restored afterwards.
+
+    Batch statistics are what the codecs see while fine-tuning (and what the running statistics converge to):
+    on upscaled CIFAR-10 the ImageNet running statistics put MobileNetV2's head output 50% away from them.
+    The running statistics (and ``num_batches_tracked``) are saved and put back, so calibration changes no
+    buffer of the network.
+    """
+    modules = [m for p in parts for m in p.modules()]
+    modes = [(m, m.training) for m in modules]
+    norms = [m for m in modules if isinstance(m, _BATCH_NORMS)] if batch_stats else []
+    saved = [(b, b.clone()) for m in norms for b in m.buffers()]
+    for m in modules:
+        m.train(m in norms)
+    try:
+        yield
+    finally:
+        for buffer, value in saved:
+            buffer.copy_(value)
+        for m, mode in modes:
+            m.train(mode)
+
+
 @torch.no_grad()
-def _cut_activations(split: Split, batches: Iterable[tuple[Tensor, ...]], cut: str) -> Tensor:
+def _cut_activations(split: Split, batches: list[tuple], cut: str) -> Tensor:
     """The activations entering the ``cut`` codec's encoder, computed unsplit (up codec in place for "down")."""
     found = []
     for inputs in batches:
-        out: Any = split.head(*as_tuple(inputs))
+        out: Any = split.head(*inputs)
         if cut == "down":
             if split.up is not None:
                 out = split.up(*as_tuple(out))
@@ -380,24 +408,77 @@ def _cut_activations(split: Split, batches: Iterable[tuple[Tensor, ...]], cut: s
     return torch.cat(found)
 
 
+def _tail_input(split: Split, inputs: tuple, *, codecs: bool) -> Tensor:
+    """What the tail receives for ``inputs``: with the codecs in place, or as the uncompressed network has it."""
+    out: Any = split.head(*inputs)
+    if codecs and split.up is not None:
+        out = split.up(*as_tuple(out))
+    out = split.body(*as_tuple(out))
+    if codecs and split.down is not None:
+        out = split.down(*as_tuple(out))
+    return as_tuple(out)[0]
+
+
+def _relative(x_hat: Tensor, x: Tensor) -> float:
+    return math.sqrt((x_hat - x).double().pow(2).sum().item() / max(x.double().pow(2).sum().item(), 1e-30))
+
+
+def distill(split: Split, batches: list[tuple], *, steps: int, lr: float = 1e-4, seed: int = 0) -> tuple[float, float]:
+    """Train the codecs alone so the tail receives what it would without them (the network stays frozen).
+
+    Each step takes one calibration batch and minimises the mean squared error between the tail's input with
+    the codecs and without them, relative to the latter's mean square, with Adam on the codecs' parameters only
+    (gradients reach the up codec through the frozen body). Unlike the reconstruction warm-up this weighs an
+    error at the up cut by what the body makes of it. Run it in calibration mode (see :func:`calibrate`).
+    Returns the relative error of the tail's input over all batches, before and after.
+    """
+    params = [p for c in (split.up, split.down) if isinstance(c, Codec) for p in c.parameters() if p.requires_grad]
+    with torch.no_grad():
+        targets = [_tail_input(split, b, codecs=False).detach() for b in batches]
+
+    def error() -> float:
+        with torch.no_grad():
+            found = [_tail_input(split, b, codecs=True) for b in batches]
+        return _relative(torch.cat(found), torch.cat(targets))
+
+    before = error()
+    if steps <= 0 or not params:
+        return before, before
+    order = torch.randperm(len(batches) * math.ceil(steps / len(batches)), generator=torch.Generator().manual_seed(seed))
+    opt = torch.optim.Adam(params, lr=lr)
+    with torch.enable_grad():
+        for i in order[:steps].remainder(len(batches)).tolist():
+            target = targets[i]
+            loss = F.mse_loss(_tail_input(split, batches[i], codecs=True), target) / target.pow(2).mean().clamp_min(1e-12)
+            grads = torch.autograd.grad(loss, params)  # the codecs' gradients only: no .grad on the network
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return before, error()
+
+
 def calibrate(split: Split, batches: Iterable[tuple[Tensor, ...]] | Iterable[Tensor], *, pca: bool = True,
-              warmup_steps: int = 0, warmup_lr: float = 1e-3, seed: int = 0) -> dict[str, dict[str, float]]:
+              warmup_steps: int = 0, warmup_lr: float = 1e-3, distill_steps: int = 0, distill_lr: float = 1e-4,
+              batch_stats: bool = True, seed: int = 0) -> dict[str, dict[str, float]]:
     """Fit the split's codecs to the activations they will carry, unsplit, before training.
 
-    The up codec first (on the head's outputs), then the down codec on the body's outputs computed *through*
-    the calibrated up codec, so it sees what it will carry. For each learned codec: PCA initialisation
-    (``pca``), then ``warmup_steps`` of Adam on the reconstruction error. Every module runs in eval mode
-    (BatchNorm statistics untouched). Returns the relative reconstruction error per cut, before and after.
+    1. Per cut, the up codec first (on the head's outputs), then the down codec on the body's outputs computed
+       *through* the calibrated up codec, so it sees what it will carry: PCA initialisation (``pca``), then
+       ``warmup_steps`` of Adam on the reconstruction error (:meth:`Codec.warmup`).
+    2. ``distill_steps`` of :func:`distill`: both codecs together, on the error of what the tail receives.
+
+    Every module runs in eval mode except BatchNorm, which uses batch statistics when ``batch_stats`` (what the
+    codecs see while fine-tuning); no buffer or parameter of the network changes. Returns, per cut, the relative
+    reconstruction error fresh / after PCA / after warm-up, and under ``"tail_input"`` the relative error of
+    the tail's input before and after distillation.
     """
     batches = [as_tuple(b) for b in batches]
     if not batches:
         raise ValueError("calibrate() needs at least one batch of head inputs.")
     parts = [m for m in (split.head, split.body, split.tail, split.up, split.down) if m is not None]
-    modes = [(m, m.training) for p in parts for m in p.modules()]
-    for p in parts:
-        p.eval()
     report: dict[str, dict[str, float]] = {}
-    try:
+    with _calibration_mode(parts, batch_stats):
         for cut in ("up", "down"):
             codec = getattr(split, cut)
             if not isinstance(codec, Codec):
@@ -411,51 +492,9 @@ def calibrate(split: Split, batches: Iterable[tuple[Tensor, ...]] | Iterable[Ten
             report[cut] = {"error_fresh": start, "error_init": init, "error_after": after}
             log.info("calibrated the %s codec on %s: relative error %.4f fresh -> %.4f (PCA) -> %.4f (warm-up)",
                      cut, list(acts.shape), start, init, after)
-    finally:
-        for m, mode in modes:
-            m.train(mode)
+        if isinstance(split.up, Codec) or isinstance(split.down, Codec):
+            before, after = distill(split, batches, steps=distill_steps, lr=distill_lr, seed=seed)
+            report["tail_input"] = {"error_before": before, "error_after": after}
+            log.info("distilled the codecs (%d steps): relative error of the tail's input %.4f -> %.4f",
+                     distill_steps, before, after)
     return report
-
-
-class CodecCalibration(Callback):
-    """Calibrates the model's codecs (see :func:`calibrate`) on the first training batches, before fitting.
-
-        trainer = Trainer(callbacks=[CodecCalibration(batches=4, warmup_steps=200)], strategy=...)
-
-    It runs in ``setup`` on rank 0 only, on the whole unsplit module: under
-    :class:`~splitlit.SplitPipelineStrategy` that is the client, which holds the data and, until the strategy's
-    own setup, every weight; the strategy then ships the server-side halves (up decoder, down encoder) to the
-    server with the rest of the server's initial weights. So no activation from the down cut needs to leave the
-    server, and the run is the same split or unsplit. Skipped when fitting resumes from a checkpoint.
-
-    Args:
-        batches: training batches to calibrate on.
-        pca: initialise learned codecs from the principal components of their activations.
-        warmup_steps / warmup_lr: reconstruction warm-up of the codec alone (0 steps: none).
-
-    Logs nothing to the logger; each codec's relative reconstruction error is in :attr:`report` and the log.
-    """
-
-    def __init__(self, batches: int = 4, pca: bool = True, warmup_steps: int = 0, warmup_lr: float = 1e-3) -> None:
-        if batches < 1:
-            raise ValueError(f"CodecCalibration(batches={batches}): give at least 1 batch.")
-        self.batches, self.pca, self.warmup_steps, self.warmup_lr = batches, pca, warmup_steps, warmup_lr
-        self.report: dict[str, dict[str, float]] = {}
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or trainer.global_rank != 0 or trainer.ckpt_path:
-            return
-        hook = getattr(pl_module, "configure_split", None)
-        if hook is None:
-            raise ValueError(f"CodecCalibration needs {type(pl_module).__name__}.configure_split() to find the "
-                             f"codecs; add it or remove the callback.")
-        # The training loader as fit() will use it: from fit(train_dataloaders=...), the datamodule or the module.
-        loader = trainer.fit_loop._data_source.dataloader()
-        split_inputs = getattr(pl_module, "split_inputs", None)
-        batches = []
-        for batch in loader:
-            batches.append(split_inputs(batch) if split_inputs is not None else batch[0])
-            if len(batches) == self.batches:
-                break
-        self.report = calibrate(hook(), batches, pca=self.pca, warmup_steps=self.warmup_steps,
-                                warmup_lr=self.warmup_lr)
