@@ -228,7 +228,8 @@ class SplitPipelineStrategy(DDPStrategy):
                 return loss
 
             index = torch.arange(size, device=inputs[0].device)
-            _, losses = self.pipeline.train_step(*inputs, target=index, loss_fn=microbatch_loss)
+            with _LogsPerBatch(module):
+                _, losses = self.pipeline.train_step(*inputs, target=index, loss_fn=microbatch_loss)
         return torch.stack([loss.detach().float() for loss in losses]).mean()
 
     def _client_inputs(self, batch: Any) -> tuple[Tensor, ...]:
@@ -544,6 +545,42 @@ def _slice_batch(batch: Any, start: int, stop: int, size: int) -> Any:
             return type(batch)(batch[start:stop])
         return type(batch)(_slice_batch(v, start, stop, size) for v in batch)
     return batch
+
+
+class _LogsPerBatch:
+    """Collects what ``training_step`` logs for each micro-batch and logs it once for the batch.
+
+    Values are combined with the logged ``reduce_fx`` (mean by default, over equal micro-batches: the value an
+    unsplit step logs); a logged torchmetrics object has already seen every micro-batch and is logged once.
+    """
+
+    _COMBINE = {"mean": torch.mean, "sum": torch.sum, "max": torch.max, "min": torch.min}
+
+    def __init__(self, module: LightningModule) -> None:
+        self.module = module
+        self.calls: dict[str, tuple[list[Any], dict[str, Any]]] = {}
+
+    def _record(self, name: str, value: Any, **kwargs: Any) -> None:
+        self.calls.setdefault(name, ([], kwargs))[0].append(value)
+
+    def __enter__(self) -> _LogsPerBatch:
+        self.module.log = self._record  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        del self.module.log
+        if exc_type is not None:
+            return
+        for name, (values, kwargs) in self.calls.items():
+            last = values[-1]
+            if isinstance(last, (Tensor, float, int)) and not isinstance(last, bool):
+                reduce = kwargs.get("reduce_fx", "mean")
+                combine = self._COMBINE.get(reduce if isinstance(reduce, str) else "", None)
+                if combine is not None:
+                    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32).detach().reshape(())
+                                           for v in values])
+                    last = combine(stacked)
+            self.module.log(name, last, **kwargs)
 
 
 @contextmanager

@@ -43,6 +43,7 @@ def test_pipeline_is_transparent(tmp_path, extra):
     client, server = (torch.load(tmp_path / "split" / f"rank{r}.pt") for r in (0, 1))
     # float32 sums over micro-batches in another order than over the batch: ~1e-8, well inside 1e-5
     assert abs(client["loss"] - ref["loss"]) <= 1e-5
+    assert abs(client["logged"]["train/loss"] - ref["logged"]["train/loss"]) <= 1e-5  # what the user sees
     assert set(client["grads"]) == {"head.0.weight", "head.0.bias", "tail.weight", "tail.bias"}
     assert set(server["grads"]) == {"body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias"}
     for part in (client, server):

@@ -125,9 +125,10 @@ def main(argv: list[str] | None = None) -> dict:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, callbacks=callbacks, **kw)
     trainer.fit(model, train)
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
     trainer.validate(model, valid, verbose=False)
     state = {k: v for k, v in model.state_dict().items() if not v.is_meta}
-    dump = {"loss": model.first_loss, "grads": model.first_grads, "state": state}
+    dump = {"loss": model.first_loss, "grads": model.first_grads, "state": state, "logged": logged}
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save(dump, args.out / f"rank{trainer.global_rank}.pt")
     if trainer.global_rank == 0:
