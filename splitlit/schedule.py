@@ -70,6 +70,24 @@ def u_order(order: str | None, n: int) -> dict[int, list[_Action]]:
     raise ValueError(f"Unknown pipeline order {order!r}; choose one of {ORDERS}.")
 
 
+def _receives_first(actions: list) -> list:
+    """Each receive moves before the send just before it; the order of the receives (and of the sends) is kept.
+
+    gloo starts a send only once the peer has posted the matching receive, and the peer's notice that it has
+    travels on the same TCP connection as the peer's own outgoing data: posted after a large send, it waits behind
+    it, and the two directions of the link take turns instead of overlapping (on a 10 Mbit/s link, 4 chunks took
+    17.2 s per batch instead of 12.9 s).
+    """
+    actions = list(actions)
+    recv, send = (_ComputationType.RECV_F, _ComputationType.RECV_B), (_ComputationType.SEND_F, _ComputationType.SEND_B)
+    for i in range(1, len(actions)):
+        here, before = actions[i], actions[i - 1]
+        if here is not None and before is not None and here.computation_type in recv \
+                and before.computation_type in send:
+            actions[i - 1], actions[i] = here, before
+    return actions
+
+
 class USchedule(_PipelineScheduleRuntime):
     """The runtime of ``torch.distributed.pipelining`` driven by a U-placement order.
 
@@ -86,14 +104,15 @@ class USchedule(_PipelineScheduleRuntime):
         actions = {rank: list(acts) for rank, acts in self.pipeline_order.items()}
         if self.order is not None:
             self._prepare_schedule_with_comms(actions)
+            self.pipeline_order_with_comms = {r: _receives_first(a) for r, a in self.pipeline_order_with_comms.items()}
             return
         # torch's validator insists on a backward per forward, so lower a forward-only order here.
         self.stage_index_to_group_rank = {HEAD: CLIENT_RANK, SERVER: SERVER_RANK, TAIL: CLIENT_RANK}
         for stage in self._stages:
             stage.stage_index_to_group_rank = self.stage_index_to_group_rank
-        self.pipeline_order_with_comms = _add_send_recv(
+        self.pipeline_order_with_comms = {r: _receives_first(a) for r, a in _add_send_recv(
             actions, stage_to_rank=self.stage_index_to_group_rank.__getitem__, num_stages=3
-        )
+        ).items()}
 
     def _initialize_stages(self, *args, **kwargs) -> None:
         # Shape inference runs the stages and the loss on placeholder tensors; the loss function can tell.
