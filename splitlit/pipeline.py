@@ -14,9 +14,10 @@ or a new padded sequence length gets stages of its own).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from splitlit.split import Split
 from splitlit.stage import LinkMeter, MeteredStage
 from splitlit.wire import WirePlan
 
-__all__ = ["CLIENT", "SERVER", "PeerLostError", "SplitPipeline", "microbatch_count"]
+__all__ = ["CLIENT", "SERVER", "PeerLostError", "SplitPipeline", "link_errors", "microbatch_count"]
 
 log = logging.getLogger(__name__)
 
@@ -201,24 +202,23 @@ class SplitPipeline:
         return self._loss_fn(output, target)
 
     # -- errors -------------------------------------------------------------------------------------------------
-    def _link_errors(self, what: str):
-        pipeline = self
+    def _link_errors(self, what: str) -> contextlib.AbstractContextManager:
+        return link_errors(f"{what} (step {self.steps})", rank=self.rank, timeout=self.timeout)
 
-        class _Guard:
-            def __enter__(self):
-                return self
 
-            def __exit__(self, exc_type, exc, tb):
-                if exc is None or not isinstance(exc, RuntimeError) or isinstance(exc, PeerLostError):
-                    return False
-                if not _is_link_failure(exc):
-                    return False
-                peer = "server (rank 1)" if pipeline.is_client else "client (rank 0)"
-                raise PeerLostError(
-                    f"The {peer} stopped answering during {what} (step {pipeline.steps}): {exc}\n"
-                    f"Either it died, or a step took longer than the timeout of {pipeline.timeout:g} s. "
-                    f"Restart both ranks and resume from the last checkpoint (fit(ckpt_path='last') or "
-                    f"--ckpt_path last); if the link is just slow, raise SplitPipelineStrategy(timeout=...)."
-                ) from exc
-
-        return _Guard()
+@contextlib.contextmanager
+def link_errors(what: str, *, rank: int, timeout: float) -> Iterator[None]:
+    """Turn a transport failure inside the block into a :class:`PeerLostError` that says what to do."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if isinstance(exc, PeerLostError) or not _is_link_failure(exc):
+            raise
+        peer = "server (rank 1)" if rank == CLIENT else "client (rank 0)"
+        raise PeerLostError(
+            f"The {peer} stopped answering during {what}: {exc}\n"
+            f"Either it died, or a step took longer than the timeout of {timeout:g} s. Restart both ranks and "
+            f"resume from the last checkpoint (fit(ckpt_path='last') or --ckpt_path last); if the link is just "
+            f"slow, raise SplitPipelineStrategy(timeout=...) (--trainer.strategy.init_args.timeout on the "
+            f"command line)."
+        ) from exc

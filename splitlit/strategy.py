@@ -34,7 +34,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from typing_extensions import override
 
-from splitlit.pipeline import CLIENT, SERVER, SplitPipeline
+from splitlit.pipeline import CLIENT, SERVER, SplitPipeline, link_errors
 from splitlit.schedule import ORDERS
 from splitlit.split import Split, SplitError
 from splitlit.stage import LinkMeter
@@ -171,7 +171,9 @@ class SplitPipelineStrategy(DDPStrategy):
         payload: list[Any] = [None]
         if self.is_client and not any(state[k].is_meta for k in server_names):  # not yet split (first setup)
             payload[0] = {k: state[k].cpu() for k in server_names}
-        dist.broadcast_object_list(payload, src=CLIENT)
+        with link_errors("set-up (sending the server its initial weights)", rank=self.global_rank,
+                         timeout=self.timeout_s):
+            dist.broadcast_object_list(payload, src=CLIENT)
         if not self.is_client and payload[0] is not None:
             module.load_state_dict(payload[0], strict=False)
 
@@ -333,14 +335,17 @@ class SplitPipelineStrategy(DDPStrategy):
         own = {k: v.cpu() for k, v in self.lightning_module.state_dict().items()
                if not (isinstance(v, Tensor) and v.is_meta)}
         parts: list[Any] = [None, None]
-        dist.all_gather_object(parts, own)
+        with link_errors("checkpointing (gathering the weights)", rank=self.global_rank, timeout=self.timeout_s):
+            dist.all_gather_object(parts, own)
         return {**parts[SERVER], **parts[CLIENT]} if self.is_client else own
 
     @override
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         own = super().optimizer_state(optimizer)
         parts: list[Any] = [None, None]
-        dist.all_gather_object(parts, own)
+        with link_errors("checkpointing (gathering the optimiser states)", rank=self.global_rank,
+                         timeout=self.timeout_s):
+            dist.all_gather_object(parts, own)
         return {"split_ranks": parts}
 
     @override
