@@ -51,7 +51,9 @@ class LinkTrafficMonitor(Callback):
       and of the server added up (no waiting: the time one device would compute the batch). MB = 10**6 bytes.
     - ``link/bandwidth_peak_client_MBps``: the report's client peak: the largest send rate on the client, over
       every tensor it sent, of ``bytes / seconds`` from posting the send to its completion (a send's time
-      includes any wait for the server to post the matching receive).
+      includes any wait for the server to post the matching receive). A send completes once its bytes are in
+      the kernel's socket buffers, so a send smaller than those buffers completes faster than any link: on a
+      slow link read the server peak, which is bounded by what actually arrived.
     - ``link/bandwidth_peak_server_MBps``: the report's server peak: the largest receive rate on the server
       (``bytes / seconds`` from posting the receive to its completion, so it includes the wait for the sender),
       measured on the server and gathered to the client.
