@@ -4,10 +4,12 @@
   bandwidth.
 - :class:`PipelineTimingMonitor`: wall time per batch, each rank's computation and waiting, the pipeline bubble.
 - :class:`BestMetric`: best epoch and value of validation metrics, and their final value, in the run summary.
+- :class:`CodecCalibration`: fits the model's codecs to the activations they will carry, before fitting.
 """
 
 from callbacks.best_metric import BestMetric
+from callbacks.codec_calibration import CodecCalibration
 from callbacks.link_traffic_monitor import LinkTrafficMonitor
 from callbacks.pipeline_timing_monitor import PipelineTimingMonitor
 
-__all__ = ["BestMetric", "LinkTrafficMonitor", "PipelineTimingMonitor"]
+__all__ = ["BestMetric", "CodecCalibration", "LinkTrafficMonitor", "PipelineTimingMonitor"]

@@ -1,15 +1,18 @@
 """Codec benchmark: the report's MobileNetV2 / CIFAR-10 codecs, unsplit on one CPU, short fine-tune from ImageNet.
 
-    python -m experiments.bench_codecs --train 4000 --test 2000 --epochs 1      # ~15 min on 2 cores
+    python -m experiments.bench_codecs --train 3200 --epochs 2 --test 2000     # ~25 CPU-minutes for all rows
 
-For each codec (none, conv insert 0.097 / 0.070, power iteration (3,7)) and each initialisation (fresh layers,
-reconstruction warm-up, PCA from calibration batches; 1 or 3 power iterations) it fine-tunes the pretrained
-MobileNetV2 with the report's SGD settings (lr 0.005, momentum 0.1, batch 64) on real CIFAR-10 at reduced
-resolution and prints one table row: test accuracy, its difference from no compression, the compress rate
-at this resolution and at the report's 224 px, the bytes per chunk crossing each cut (activation forward;
-its gradient back is the same size), and the codec's reconstruction error when fine-tuning starts.
-The codecs run unsplit (same modules as the split run); bytes are :func:`splitlit.wire.analytic_link_bytes`,
-which the two-rank tests prove equal to what the transport sends.
+For each codec (none, power iteration (3,7), conv insert 0.097 / 0.070) and each option, with and without
+(1 or 2 power iterations; fresh conv layers, PCA calibrated with BatchNorm on its ImageNet running statistics
+or on batch statistics, and the distillation warm-up: see ``RUNS``) it fine-tunes the pretrained MobileNetV2
+with the report's SGD settings (lr 0.005, momentum 0.1, batch 64) on real CIFAR-10 at reduced resolution and
+prints one table row: test accuracy, its difference from no compression, the compress rate at this resolution
+and at the report's 224 px, the bytes per chunk crossing each cut (activation forward; its gradient back is
+the same size), and each codec's relative reconstruction error on the calibration batches when fine-tuning
+starts. The codecs run unsplit (same modules as the split run); bytes are
+:func:`splitlit.wire.analytic_link_bytes`, which the two-rank tests prove equal to what the transport sends.
+``--only`` / ``--skip`` pick rows, so rows can run in parallel processes (``--baseline`` then gives the
+accuracy of ``none`` for the delta column).
 """
 
 from __future__ import annotations
@@ -28,17 +31,16 @@ from splitlit.wire import analytic_link_bytes
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-# (codec row, initialisation, options for report_codecs)
-RUNS = [
-    ("none", "-", {}),
-    ("poweriter3_7", "iters=1", {}),
-    ("poweriter3_7", "iters=3", {"iters": 3}),
-    ("convinsert097", "fresh", {}),
-    ("convinsert097", "warm-up", {}),
-    ("convinsert097", "pca", {}),
-    ("convinsert070", "fresh", {}),
-    ("convinsert070", "pca", {}),
-]
+# (codec row, label, options for report_codecs, options for calibrate or None for no calibration). For each option,
+# a row with it and one without: 1 vs 2 (the default) power iterations; calibration with BatchNorm on the ImageNet
+# running statistics (the previous default) vs on batch statistics (the default); the distillation warm-up.
+RUNS = {
+    "none": [("-", {}, None)],
+    "poweriter3_7": [("iters=1", {"iters": 1}, {}), ("iters=2 (default)", {}, {})],
+    "convinsert097": [("fresh", {}, {"pca": False}), ("pca, eval BN", {}, {"batch_stats": False}),
+                      ("pca, batch BN (default)", {}, {}), ("pca, batch BN, distil", {}, {"distill": True})],
+    "convinsert070": [("pca, eval BN", {}, {"batch_stats": False}), ("pca, batch BN (default)", {}, {})],
+}
 
 
 def load_images(root: Path, train: bool, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +70,7 @@ def accuracy(model: MobileNetV2Classifier, images, labels, size: int, batch: int
     return 100.0 * correct / len(images)
 
 
-def run(row: str, init: str, options: dict, args, data) -> dict:
+def run(row: str, options: dict, calibration: dict | None, args, data) -> dict:
     torch.manual_seed(0)
     (train_x, train_y), (test_x, test_y) = data
     up, down = report_codecs(row, **options)
@@ -79,10 +81,12 @@ def run(row: str, init: str, options: dict, args, data) -> dict:
     calib = [(prepare(train_x[i:i + args.batch], args.size, flip=False),)
              for i in range(0, args.calib_batches * args.batch, args.batch)]
     errors = {}
-    if row != "none":  # measures the reconstruction error; initialises when init asks for it
-        report = calibrate(split, calib, pca=init == "pca", warmup_steps=args.warmup_steps if init == "warm-up" else 0,
-                           warmup_lr=args.warmup_lr)
-        errors = {cut: r["error_after"] for cut, r in report.items()}
+    if calibration is not None:  # initialises as asked, and measures each cut's reconstruction error
+        distil = calibration.get("distill", False)
+        report = calibrate(split, calib, pca=calibration.get("pca", True),
+                           batch_stats=calibration.get("batch_stats", True),
+                           distill_steps=args.distill_steps if distil else 0, distill_lr=args.distill_lr)
+        errors = {cut: r["error_after"] for cut, r in report.items() if cut in ("up", "down")}
     start = time.perf_counter()
     opt = model.configure_optimizers()
     for _ in range(args.epochs):
@@ -101,7 +105,7 @@ def run(row: str, init: str, options: dict, args, data) -> dict:
     base = analytic_link_bytes(up_shape(args.size), down_shape(args.size), chunks=args.chunks)
     r224 = analytic_link_bytes((64, 32, 112, 112), (64, 1280, 7, 7), up=up, down=down)
     b224 = analytic_link_bytes((64, 32, 112, 112), (64, 1280, 7, 7))
-    return {"codec": row, "init": init, "acc": acc, "rate": here["total"] / base["total"],
+    return {"codec": row, "acc": acc, "rate": here["total"] / base["total"],
             "rate224": r224["total"] / b224["total"], "up": here["up.activation"] // args.chunks,
             "down": here["down.activation"] // args.chunks, "err_up": errors.get("up"), "err_down": errors.get("down"),
             "seconds": time.perf_counter() - start}
@@ -120,29 +124,35 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.005)
     p.add_argument("--momentum", type=float, default=0.1)
     p.add_argument("--codec-lr", type=float, default=None, help="codec learning rate (default: --lr)")
-    p.add_argument("--calib-batches", type=int, default=4)
-    p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--warmup-lr", type=float, default=1e-3)
+    p.add_argument("--calib-batches", type=int, default=16, help="calibration batches (CodecCalibration's default)")
+    p.add_argument("--distill-steps", type=int, default=40)
+    p.add_argument("--distill-lr", type=float, default=1e-4)
     p.add_argument("--only", nargs="*", default=None, choices=sorted(REPORT_CODECS), help="codec rows to run")
+    p.add_argument("--skip", nargs="*", default=(), help="labels of runs to leave out, e.g. fresh")
+    p.add_argument("--baseline", type=float, default=None,
+                   help="accuracy of 'none' from another invocation (same settings), for the delta column")
     args = p.parse_args()
     data = (load_images(args.data, True, args.train), load_images(args.data, False, args.test))
     print(f"MobileNetV2 (ImageNet) on CIFAR-10: {len(data[0][0])} train / {len(data[1][0])} test images at "
           f"{args.size} px, {args.epochs} epoch(s), SGD lr {args.lr} momentum {args.momentum}, batch {args.batch}; "
           f"bytes per chunk at chunks={args.chunks} (float32; the gradient back is the same size)", flush=True)
-    header = (f"| {'codec':<14}| {'init':<8}| {'acc %':>6} | {'Δ acc':>6} | {'rate':>6} | {'rate@224':>8} | "
-              f"{'up B/chunk':>11} | {'down B/chunk':>12} | {'err up':>6} | {'err down':>8} | {'s':>5} |")
+    header = (f"| {'codec':<14}| {'initialisation':<24}| {'acc %':>6} | {'Δ acc':>6} | {'rate':>6} | "
+              f"{'rate@224':>8} | {'up B/chunk':>11} | {'down B/chunk':>12} | {'err up':>6} | {'err down':>8} | {'s':>5} |")
     print(header + "\n|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|", flush=True)
-    baseline = None
-    for row, init, options in RUNS:
+    baseline = args.baseline
+    for row, runs in RUNS.items():
         if args.only and row not in args.only:
             continue
-        r = run(row, init, options, args, data)
-        baseline = r["acc"] if row == "none" else baseline
-        delta = f"{r['acc'] - baseline:+.2f}" if baseline is not None else "n/a"
-        err = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
-        print(f"| {r['codec']:<14}| {r['init']:<8}| {r['acc']:6.2f} | {delta:>6} | {r['rate']:6.4f} | "
-              f"{r['rate224']:8.4f} | {r['up']:11,} | {r['down']:12,} | {err(r['err_up']):>6} | "
-              f"{err(r['err_down']):>8} | {r['seconds']:5.0f} |", flush=True)
+        for label, options, calibration in runs:
+            if label in args.skip:
+                continue
+            r = run(row, options, calibration, args, data)
+            baseline = r["acc"] if row == "none" else baseline
+            delta = f"{r['acc'] - baseline:+.2f}" if baseline is not None else "n/a"
+            err = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
+            print(f"| {row:<14}| {label:<24}| {r['acc']:6.2f} | {delta:>6} | {r['rate']:6.4f} | "
+                  f"{r['rate224']:8.4f} | {r['up']:11,} | {r['down']:12,} | {err(r['err_up']):>6} | "
+                  f"{err(r['err_down']):>8} | {r['seconds']:5.0f} |", flush=True)
 
 
 if __name__ == "__main__":

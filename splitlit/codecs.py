@@ -168,12 +168,14 @@ class PowerIteration(Codec):
     Args:
         rank: r, at most min(C, N). A rank with r >= C*N/(C+N) sends as many numbers as it saves: warned.
         iters: power (subspace) iterations; 1 is the report's, more approach the best rank-r approximation.
+            The default 2 nearly reaches it on MobileNetV2's cuts (relative error at the up cut, rank 3, 96 px:
+            0.196 with 1, 0.135 with 2, 0.123 for the truncated SVD) for two extra small matrix products.
         seed: seed of the fixed random start, so encoding is deterministic.
 
     Differentiable end to end (through the QR), so the gradient that crosses back is that of the two factors.
     """
 
-    def __init__(self, rank: int, iters: int = 1, seed: int = 0) -> None:
+    def __init__(self, rank: int, iters: int = 2, seed: int = 0) -> None:
         super().__init__()
         self.rank = _positive_int("PowerIteration", "rank", rank)
         self.iters = _positive_int("PowerIteration", "iters", iters)
@@ -309,11 +311,13 @@ class ConvInsert(Codec):
             return
         self.check_shape(tuple(activations.shape))
         k, c = self.kernel_size, self.in_channels
-        x = activations.double()
-        mean_c = x.mean(dim=(0, 2, 3))                                        # [C]
-        patches = F.unfold(x - mean_c.view(1, c, 1, 1), k, stride=k)          # [n, C*k*k, L]
+        x = activations.float()
+        mean_c = x.double().mean(dim=(0, 2, 3))                               # [C]
+        patches = F.unfold(x - mean_c.float().view(1, c, 1, 1), k, stride=k)  # [n, C*k*k, L]
         rows = patches.transpose(1, 2).reshape(-1, c * k * k)
-        eigvals, eigvecs = torch.linalg.eigh(rows.T @ rows / max(len(rows), 1))
+        # The covariance in float32 (centred rows, so no cancellation; float64 would cost 4x on a CPU), its
+        # eigenvectors in float64.
+        eigvals, eigvecs = torch.linalg.eigh((rows.T @ rows).double() / max(len(rows), 1))
         top = eigvecs[:, eigvals.argsort(descending=True)[: self.code_channels]]   # [C*k*k, code]
         if top.shape[1] < self.code_channels:  # more channels than patch dimensions: pad with zero filters
             top = torch.cat([top, top.new_zeros(top.shape[0], self.code_channels - top.shape[1])], dim=1)
@@ -431,6 +435,10 @@ def distill(split: Split, batches: list[tuple], *, steps: int, lr: float = 1e-4,
     (gradients reach the up codec through the frozen body). Unlike the reconstruction warm-up this weighs an
     error at the up cut by what the body makes of it. Run it in calibration mode (see :func:`calibrate`).
     Returns the relative error of the tail's input over all batches, before and after.
+
+    Off by default (``steps=0`` in :func:`calibrate`): on MobileNetV2 / CIFAR-10 at 96 px with batch-statistics
+    calibration, 40 steps at lr 1e-4 after PCA raised that error on 16 calibration batches from 0.53 to 0.59
+    (0.55 to 0.64 on held-out images); it is here to be tuned (learning rate, loss on pooled features).
     """
     params = [p for c in (split.up, split.down) if isinstance(c, Codec) for p in c.parameters() if p.requires_grad]
     with torch.no_grad():
@@ -444,12 +452,14 @@ def distill(split: Split, batches: list[tuple], *, steps: int, lr: float = 1e-4,
     before = error()
     if steps <= 0 or not params:
         return before, before
-    order = torch.randperm(len(batches) * math.ceil(steps / len(batches)), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(batches) * math.ceil(steps / len(batches)), generator=gen)
     opt = torch.optim.Adam(params, lr=lr)
     with torch.enable_grad():
         for i in order[:steps].remainder(len(batches)).tolist():
             target = targets[i]
-            loss = F.mse_loss(_tail_input(split, batches[i], codecs=True), target) / target.pow(2).mean().clamp_min(1e-12)
+            found = _tail_input(split, batches[i], codecs=True)
+            loss = F.mse_loss(found, target) / target.pow(2).mean().clamp_min(1e-12)
             grads = torch.autograd.grad(loss, params)  # the codecs' gradients only: no .grad on the network
             for p, g in zip(params, grads):
                 p.grad = g
@@ -470,8 +480,8 @@ def calibrate(split: Split, batches: Iterable[tuple[Tensor, ...]] | Iterable[Ten
 
     Every module runs in eval mode except BatchNorm, which uses batch statistics when ``batch_stats`` (what the
     codecs see while fine-tuning); no buffer or parameter of the network changes. Returns, per cut, the relative
-    reconstruction error fresh / after PCA / after warm-up, and under ``"tail_input"`` the relative error of
-    the tail's input before and after distillation.
+    reconstruction error fresh / after PCA / after warm-up, and (with ``distill_steps``) under ``"tail_input"``
+    the relative error of the tail's input before and after distillation.
     """
     batches = [as_tuple(b) for b in batches]
     if not batches:
@@ -492,7 +502,7 @@ def calibrate(split: Split, batches: Iterable[tuple[Tensor, ...]] | Iterable[Ten
             report[cut] = {"error_fresh": start, "error_init": init, "error_after": after}
             log.info("calibrated the %s codec on %s: relative error %.4f fresh -> %.4f (PCA) -> %.4f (warm-up)",
                      cut, list(acts.shape), start, init, after)
-        if isinstance(split.up, Codec) or isinstance(split.down, Codec):
+        if distill_steps > 0:
             before, after = distill(split, batches, steps=distill_steps, lr=distill_lr, seed=seed)
             report["tail_input"] = {"error_before": before, "error_after": after}
             log.info("distilled the codecs (%d steps): relative error of the tail's input %.4f -> %.4f",

@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from callbacks import CodecCalibration
 from splitlit import Split
-from splitlit.codecs import CodecCalibration, ConvInsert, PowerIteration, calibrate, make_codec, report_codecs
+from splitlit.codecs import ConvInsert, PowerIteration, calibrate, make_codec, report_codecs
 from tests.twoproc import REPO, SHARED_DATA, run_fit_script
 
 UP_224, DOWN_224 = (64, 32, 112, 112), (64, 1280, 7, 7)  # the report's cuts: MobileNetV2 at 224, batch 64
@@ -55,6 +56,14 @@ def test_poweriter_more_iterations_approach_the_best_rank_r_error():
     u, s, vh = torch.linalg.svd(x, full_matrices=False)
     best = (u[..., :5] @ torch.diag_embed(s[..., :5]) @ vh[..., :5, :] - x).norm().item()
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1.02 * best
+
+
+def test_poweriter_default_iterations_beat_the_reports_one():
+    """The default (2 iterations) reconstructs a decaying spectrum better than the report's single iteration."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 32, 64, generator=gen, dtype=torch.float64) * torch.logspace(0, -2, 64, dtype=torch.float64)
+    assert PowerIteration(3).iters == 2
+    assert (PowerIteration(3)(x) - x).norm() < 0.95 * (PowerIteration(3, iters=1)(x) - x).norm()
 
 
 def test_poweriter_gradcheck_float64():
@@ -139,6 +148,8 @@ def test_make_codec_by_name():
     (lambda: ConvInsert(8, 4, kernel_size=2, stride=4), r"stride larger than the kernel"),
     (lambda: ConvInsert(8, 4)(torch.randn(2, 6, 4, 4)), r"in_channels=8\) got an activation of shape \[2, 6, 4, 4\]"),
     (lambda: ConvInsert(8, 4, kernel_size=4)(torch.randn(2, 8, 6, 6)), r"cannot invert its geometry"),
+    (lambda: CodecCalibration(batches=0), r"CodecCalibration\(batches=0\)"),
+    (lambda: CodecCalibration(distill_steps=-1), r"CodecCalibration\(distill_steps=-1\)"),
 ])
 def test_clear_errors(call, match):
     """Bad names, ranks, channels and kernel sizes fail with a message naming the value and the fix."""
@@ -171,6 +182,41 @@ def test_calibrate_initialises_codecs_and_leaves_the_network_alone():
         assert report[cut]["error_init"] < 0.9 * report[cut]["error_fresh"]
     assert all(torch.equal(a, b) for a, b in zip(stats, head[1].buffers()))
     assert head.training and split.up.training
+
+
+def _bn_split(up: nn.Module | None, down: nn.Module | None) -> Split:
+    """A small CNN whose head ends in a BatchNorm with running statistics far from the batch's (offset 3)."""
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8))
+    head[1].running_mean.fill_(3.0)
+    body = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+    return Split(head, body, nn.Flatten(1), up=up, down=down)
+
+
+@pytest.mark.parametrize("batch_stats", [True, False])
+def test_calibrate_sees_batch_statistics_by_default(batch_stats):
+    """With batch_stats the PCA centres on the batch-normalised head output (mean ~0), else on the running one."""
+    split = _bn_split(ConvInsert(8, 4, kernel_size=2), None)
+    batches = [torch.randn(16, 3, 16, 16) for _ in range(2)]
+    calibrate(split, batches, batch_stats=batch_stats)
+    centre = split.up.decoder.conv.bias  # the per-channel mean the PCA centred on
+    if batch_stats:
+        assert centre.abs().max() < 1e-4  # BatchNorm's beta is 0: batch-normalised channels have mean 0
+    else:
+        assert centre.mean() < -1.0  # (x - 3) / sqrt(1 + eps) with x ~ 0: about -3 per channel
+    assert split.head[1].running_mean.eq(3.0).all() and split.head[1].num_batches_tracked == 0
+
+
+def test_distill_trains_only_the_codecs_towards_the_uncompressed_tail_input():
+    """Distillation cuts the error of what the tail receives, and leaves the network's weights and grads alone."""
+    split = _bn_split(ConvInsert(8, 4, kernel_size=2), ConvInsert(16, 8))
+    net = [p for m in (split.head, split.body) for p in m.parameters()]
+    before = [p.detach().clone() for p in net]
+    batches = [torch.randn(16, 3, 16, 16) for _ in range(2)]
+    report = calibrate(split, batches, pca=False, distill_steps=60, distill_lr=1e-2)
+    assert report["tail_input"]["error_after"] < 0.7 * report["tail_input"]["error_before"]
+    assert all(torch.equal(a, p) and p.grad is None for a, p in zip(before, net))
+    assert "tail_input" not in calibrate(split, batches)  # no distillation steps: no extra passes
 
 
 def test_warmup_lowers_the_error_of_a_codec_pca_cannot_initialise():

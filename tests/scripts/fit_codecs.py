@@ -24,9 +24,10 @@ from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from callbacks.codec_calibration import CodecCalibration  # noqa: E402
 from experiments.cifar10_mobilenet import LocalCIFAR10  # noqa: E402
 from splitlit import Split, SplitPipelineStrategy  # noqa: E402
-from splitlit.codecs import CodecCalibration, ConvInsert, PowerIteration  # noqa: E402
+from splitlit.codecs import ConvInsert, PowerIteration  # noqa: E402
 from splitlit.wire import analytic_link_bytes  # noqa: E402
 
 BATCH, CHUNKS, TRAIN_BATCHES, VAL_BATCHES = 8, 2, 2, 1

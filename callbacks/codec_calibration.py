@@ -1,0 +1,70 @@
+"""``CodecCalibration``: fits the model's codecs to the activations they will carry, on the client, before fitting."""
+
+from __future__ import annotations
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
+
+from splitlit.codecs import calibrate
+
+__all__ = ["CodecCalibration"]
+
+
+class CodecCalibration(Callback):
+    """Calibrates the model's codecs (see :func:`splitlit.codecs.calibrate`) on the first training batches.
+
+    Usage::
+
+        trainer = Trainer(callbacks=[CodecCalibration(batches=16, distill_steps=40)], strategy=...)
+
+    It runs in ``setup`` on rank 0 only, on the whole unsplit module: under
+    :class:`~splitlit.SplitPipelineStrategy` that is the client, which holds the data and, until the strategy's
+    own setup, every weight; the strategy then ships the server-side halves (up decoder, down encoder) to the
+    server with the rest of the server's initial weights. So no activation from the down cut needs to leave the
+    server, and the run is the same split or unsplit. Skipped when fitting resumes from a checkpoint.
+
+    Args:
+        batches: training batches to calibrate on (16 of 64 give the 1280-channel down cut of MobileNetV2 a
+            well-estimated covariance; calibration is forward-only and costs a fraction of a training step each).
+        pca: initialise learned codecs from the principal components of their activations.
+        warmup_steps / warmup_lr: reconstruction warm-up of each codec alone (0 steps: none).
+        distill_steps / distill_lr: distillation of the codecs on what the tail receives, with the network
+            frozen (:func:`splitlit.codecs.distill`; 0 steps: none). Each step costs about a training step.
+        batch_stats: calibrate with BatchNorm on batch statistics, as the codecs will see while fine-tuning
+            (it lowers the held-out error of the tail's input of conv insert 0.097 from 0.62 to 0.55 at the
+            start; after a short fine-tune the accuracy was the same within noise).
+
+    Logs nothing to the logger; the relative errors are in :attr:`report` and the log.
+    """
+
+    def __init__(self, batches: int = 16, pca: bool = True, warmup_steps: int = 0, warmup_lr: float = 1e-3,
+                 distill_steps: int = 0, distill_lr: float = 1e-4, batch_stats: bool = True) -> None:
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+            raise ValueError(f"CodecCalibration(batches={batches!r}): give at least 1 batch.")
+        for name, steps in (("warmup_steps", warmup_steps), ("distill_steps", distill_steps)):
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+                raise ValueError(f"CodecCalibration({name}={steps!r}): give a number of steps >= 0 (0: none).")
+        self.batches, self.pca, self.batch_stats = batches, pca, batch_stats
+        self.warmup_steps, self.warmup_lr = warmup_steps, warmup_lr
+        self.distill_steps, self.distill_lr = distill_steps, distill_lr
+        self.report: dict[str, dict[str, float]] = {}
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or trainer.global_rank != 0 or trainer.ckpt_path:
+            return
+        hook = getattr(pl_module, "configure_split", None)
+        if hook is None:
+            raise ValueError(f"CodecCalibration needs {type(pl_module).__name__}.configure_split() to find the "
+                             f"codecs; add it or remove the callback.")
+        # The training loader as fit() will use it: from fit(train_dataloaders=...), the datamodule or the module.
+        loader = trainer.fit_loop._data_source.dataloader()
+        split_inputs = getattr(pl_module, "split_inputs", None)
+        batches = []
+        for batch in loader:
+            batches.append(split_inputs(batch) if split_inputs is not None else batch[0])
+            if len(batches) == self.batches:
+                break
+        self.report = calibrate(hook(), batches, pca=self.pca, warmup_steps=self.warmup_steps,
+                                warmup_lr=self.warmup_lr, distill_steps=self.distill_steps,
+                                distill_lr=self.distill_lr, batch_stats=self.batch_stats)
