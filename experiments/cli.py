@@ -215,11 +215,30 @@ def _tags(codec: str, chunks: int | None, preset: str, extra: list[str]) -> list
 
 # -- describing the split and the codecs -------------------------------------------------------------------------
 def codec_label(split: Any, wire: Any) -> str:
-    """A short name of the compression: ``none``, ``up:poweriter(rank=3) down:poweriter(rank=7)``, ``wire:...``."""
-    parts = [f"{cut}:{_describe_codec(getattr(split, cut, None))}" for cut in ("up", "down")
-             if getattr(split, cut, None) is not None]
+    """A short name of the compression, as the report names its rows: ``none``, ``poweriter(3,7)``,
+    ``convinsert(32>32k4,1280>320)``, else ``up:<codec(args)> down:<codec(args)>``; then ``wire:...``."""
+    up, down = getattr(split, "up", None), getattr(split, "down", None)
+    compact = _compact_label(up, down)
+    parts = [compact] if compact else [f"{cut}:{_describe_codec(codec)}" for cut, codec in (("up", up), ("down", down))
+                                       if codec is not None]
     parts += [f"wire:{key}={name}" for key, name in (wire.describe() if wire else {}).items()]
     return " ".join(parts) or "none"
+
+
+def _compact_label(up: Any, down: Any) -> str | None:
+    """The report's style for a pair of codecs of one kind at both cuts (or one at a single cut)."""
+    from splitlit.codecs import ConvInsert, PowerIteration
+
+    codecs = [c for c in (up, down) if c is not None]
+    if not codecs or len({type(c) for c in codecs}) != 1:
+        return None
+    if isinstance(codecs[0], PowerIteration):
+        return f"poweriter({','.join(str(c.rank) if c is not None else '-' for c in (up, down))})"
+    if isinstance(codecs[0], ConvInsert):
+        one = lambda c: "-" if c is None else (  # noqa: E731
+            f"{c.in_channels}>{c.code_channels}" + (f"k{c.kernel_size}" if c.kernel_size != 1 else ""))
+        return f"convinsert({one(up)},{one(down)})"
+    return None
 
 
 def _describe_codec(codec: Any) -> str | None:

@@ -184,7 +184,7 @@ def plot_against_chunks(table: pd.DataFrame, file: str, out: Path) -> Path:
     ax.set(title=f"{title} against chunks per compress method", xlabel="chunks", ylabel=unit)
     ax.set_xticks(sorted(table["chunks"].unique()))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _legend_outside(fig, ax)
     return _save(plt, fig, out / file)
 
 
@@ -213,8 +213,14 @@ def plot_curves(runs: Sequence[Run], metric: str, out: Path) -> Path:
     ax.set(title=f"Validation {name} against epoch ({group})", xlabel="epoch (1 = the first)", ylabel=metric)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _legend_outside(fig, ax)
     return _save(plt, fig, out / f"{metric.replace('/', '_')}_{_slug(group)}.png")
+
+
+def _legend_outside(fig: Any, ax: Any) -> None:
+    """The legend right of the axes, so long method names never cover the lines (the figure keeps its size)."""
+    fig.subplots_adjust(left=0.09, right=0.66)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
 def _save(plt: Any, fig: Any, path: Path) -> Path:
