@@ -69,6 +69,15 @@ def test_codec_labels_name_codecs_by_their_non_default_arguments():
     assert cli.codec_label(Split(head, body, tail), None) == "none"
 
 
+def test_codec_labels_follow_the_report_for_one_kind_at_both_cuts():
+    """Power iteration at both cuts reads poweriter(3,7); conv inserts list channels and kernel."""
+    head, body, tail = nn.Identity(), nn.Identity(), nn.Identity()
+    assert cli.codec_label(Split(head, body, tail, up=PowerIteration(3), down=PowerIteration(7)), None) \
+        == "poweriter(3,7)"
+    split = Split(head, body, tail, up=ConvInsert(32, 20, kernel_size=4), down=ConvInsert(1280, 320))
+    assert cli.codec_label(split, None) == "convinsert(32>20k4,1280>320)"
+
+
 def test_link_settings_from_the_environment(monkeypatch, tmp_path):
     """SPLITLIT_LINK_JSON takes JSON text or a file; anything else is refused with the variable named."""
     monkeypatch.setenv(cli.LINK_ENV, '{"rate_mbit": 100}')
