@@ -123,7 +123,7 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=4, help="micro-batches per batch, for the bytes per chunk")
     p.add_argument("--lr", type=float, default=0.005)
     p.add_argument("--momentum", type=float, default=0.1)
-    p.add_argument("--codec-lr", type=float, default=None, help="codec learning rate (default: --lr)")
+    p.add_argument("--codec-lr", type=float, default=None, help="codec learning rate (default: the model's, --lr / 10)")
     p.add_argument("--calib-batches", type=int, default=16, help="calibration batches (CodecCalibration's default)")
     p.add_argument("--distill-steps", type=int, default=40)
     p.add_argument("--distill-lr", type=float, default=1e-4)

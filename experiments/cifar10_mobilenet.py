@@ -142,7 +142,10 @@ class MobileNetV2Classifier(L.LightningModule):
         pretrained: see :func:`load_mobilenet_v2`.
         lr / momentum / weight_decay: SGD settings (the report: 0.005, 0.1, 0).
         up_codec / down_codec: codecs at the client -> server and server -> client cuts (splitlit.codecs).
-        codec_lr: learning rate of the codecs' own parameters (default: ``lr``).
+        codec_lr: learning rate of the codecs' own parameters (default: ``lr / 10``). Calibrated codecs start
+            close to what they replace and a full learning rate throws that away: at 96 px, 3,200 images x 2
+            epochs, conv insert 0.070 reached 42.1% with 10x lr, 59.3% with lr, 65.8% with lr/10 and 61.0%
+            frozen (uncompressed: 67.4%).
     """
 
     def __init__(self, num_classes: int = 10, pretrained: str | None = None, lr: float = 0.005,
@@ -196,7 +199,7 @@ class MobileNetV2Classifier(L.LightningModule):
         codec_ids = {id(p) for p in codec_params}
         groups = [{"params": [p for p in self.parameters() if id(p) not in codec_ids]}]
         if codec_params:
-            groups.append({"params": codec_params, "lr": hp.codec_lr or hp.lr})
+            groups.append({"params": codec_params, "lr": hp.lr / 10 if hp.codec_lr is None else hp.codec_lr})
         return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
 
 
