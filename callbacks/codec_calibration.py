@@ -15,7 +15,7 @@ class CodecCalibration(Callback):
 
     Usage::
 
-        trainer = Trainer(callbacks=[CodecCalibration(batches=16, distill_steps=40)], strategy=...)
+        trainer = Trainer(callbacks=[CodecCalibration(batches=16, adapt_steps=50)], strategy=...)
 
     It runs in ``setup`` on rank 0 only, on the whole unsplit module: under
     :class:`~splitlit.SplitPipelineStrategy` that is the client, which holds the data and, until the strategy's
@@ -30,6 +30,13 @@ class CodecCalibration(Callback):
         warmup_steps / warmup_lr: reconstruction warm-up of each codec alone (0 steps: none).
         distill_steps / distill_lr: distillation of the codecs on what the tail receives, with the network
             frozen (:func:`splitlit.codecs.distill`; 0 steps: none). Each step costs about a training step.
+        adapt_steps / adapt_lr: then distillation of the head, the body and the codecs together towards what the
+            tail received before calibration (``distill(..., network=True)``): the network adapts to its codecs
+            before fine-tuning, which is what closes the accuracy gap of a parameter-free codec. Each step costs
+            about a training step, on the client (which holds every weight until the strategy's setup; the
+            strategy then ships the adapted server part). 0 steps: none; the default 50 steps at lr 5e-4 took
+            power iteration (3,7) on MobileNetV2 / CIFAR-10 at 96 px from -11.3 to +0.7 points of the
+            uncompressed accuracy after the same short fine-tune.
         batch_stats: calibrate with BatchNorm on batch statistics, as the codecs will see while fine-tuning
             (it lowers the held-out error of the tail's input of conv insert 0.097 from 0.62 to 0.55 at the
             start; after a short fine-tune the accuracy was the same within noise).
@@ -38,15 +45,18 @@ class CodecCalibration(Callback):
     """
 
     def __init__(self, batches: int = 16, pca: bool = True, warmup_steps: int = 0, warmup_lr: float = 1e-3,
-                 distill_steps: int = 0, distill_lr: float = 1e-4, batch_stats: bool = True) -> None:
+                 distill_steps: int = 0, distill_lr: float = 1e-4, adapt_steps: int = 50, adapt_lr: float = 5e-4,
+                 batch_stats: bool = True) -> None:
         if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
             raise ValueError(f"CodecCalibration(batches={batches!r}): give at least 1 batch.")
-        for name, steps in (("warmup_steps", warmup_steps), ("distill_steps", distill_steps)):
+        for name, steps in (("warmup_steps", warmup_steps), ("distill_steps", distill_steps),
+                            ("adapt_steps", adapt_steps)):
             if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
                 raise ValueError(f"CodecCalibration({name}={steps!r}): give a number of steps >= 0 (0: none).")
         self.batches, self.pca, self.batch_stats = batches, pca, batch_stats
         self.warmup_steps, self.warmup_lr = warmup_steps, warmup_lr
         self.distill_steps, self.distill_lr = distill_steps, distill_lr
+        self.adapt_steps, self.adapt_lr = adapt_steps, adapt_lr
         self.report: dict[str, dict[str, float]] = {}
 
     @override
@@ -67,4 +77,5 @@ class CodecCalibration(Callback):
                 break
         self.report = calibrate(hook(), batches, pca=self.pca, warmup_steps=self.warmup_steps,
                                 warmup_lr=self.warmup_lr, distill_steps=self.distill_steps,
-                                distill_lr=self.distill_lr, batch_stats=self.batch_stats)
+                                distill_lr=self.distill_lr, adapt_steps=self.adapt_steps, adapt_lr=self.adapt_lr,
+                                batch_stats=self.batch_stats)

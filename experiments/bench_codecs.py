@@ -36,10 +36,12 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 # running statistics (the previous default) vs on batch statistics (the default); the distillation warm-up.
 RUNS = {
     "none": [("-", {}, None)],
-    "poweriter3_7": [("iters=1", {"iters": 1}, {}), ("iters=2 (default)", {}, {})],
+    "poweriter3_7": [("iters=1", {"iters": 1}, {}), ("iters=2", {}, {}), ("iters=2, adapt (default)", {}, {"adapt": True})],
     "convinsert097": [("fresh", {}, {"pca": False}), ("pca, eval BN", {}, {"batch_stats": False}),
-                      ("pca, batch BN (default)", {}, {}), ("pca, batch BN, distil", {}, {"distill": True})],
-    "convinsert070": [("pca, eval BN", {}, {"batch_stats": False}), ("pca, batch BN (default)", {}, {})],
+                      ("pca, batch BN", {}, {}), ("pca, batch BN, distil", {}, {"distill": True}),
+                      ("pca, adapt (default)", {}, {"adapt": True})],
+    "convinsert070": [("pca, eval BN", {}, {"batch_stats": False}), ("pca, batch BN", {}, {}),
+                      ("pca, adapt (default)", {}, {"adapt": True})],
 }
 
 
@@ -71,23 +73,27 @@ def accuracy(model: MobileNetV2Classifier, images, labels, size: int, batch: int
 
 
 def run(row: str, options: dict, calibration: dict | None, args, data) -> dict:
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     (train_x, train_y), (test_x, test_y) = data
     up, down = report_codecs(row, **options)
     model = MobileNetV2Classifier(pretrained=str(args.weights), lr=args.lr, momentum=args.momentum,
                                   up_codec=up, down_codec=down, codec_lr=args.codec_lr)
     split = model.configure_split()
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(args.seed + 1)
     calib = [(prepare(train_x[i:i + args.batch], args.size, flip=False),)
              for i in range(0, args.calib_batches * args.batch, args.batch)]
     errors = {}
+    calib_start = time.perf_counter()
     if calibration is not None:  # initialises as asked, and measures each cut's reconstruction error
         distil = calibration.get("distill", False)
         report = calibrate(split, calib, pca=calibration.get("pca", True),
                            batch_stats=calibration.get("batch_stats", True),
-                           distill_steps=args.distill_steps if distil else 0, distill_lr=args.distill_lr)
+                           distill_steps=args.distill_steps if distil else 0, distill_lr=args.distill_lr,
+                           adapt_steps=args.adapt_steps if calibration.get("adapt") else 0, adapt_lr=args.adapt_lr)
         errors = {cut: r["error_after"] for cut, r in report.items() if cut in ("up", "down")}
+        errors.update({"tail": r["error_after"] for cut, r in report.items() if cut == "adapted"})
     start = time.perf_counter()
+    calib_seconds = start - calib_start
     opt = model.configure_optimizers()
     for _ in range(args.epochs):
         model.train()
@@ -108,7 +114,7 @@ def run(row: str, options: dict, calibration: dict | None, args, data) -> dict:
     return {"codec": row, "acc": acc, "rate": here["total"] / base["total"],
             "rate224": r224["total"] / b224["total"], "up": here["up.activation"] // args.chunks,
             "down": here["down.activation"] // args.chunks, "err_up": errors.get("up"), "err_down": errors.get("down"),
-            "seconds": time.perf_counter() - start}
+            "err_tail": errors.get("tail"), "seconds": time.perf_counter() - start, "calib_seconds": calib_seconds}
 
 
 def main() -> None:
@@ -127,6 +133,9 @@ def main() -> None:
     p.add_argument("--calib-batches", type=int, default=16, help="calibration batches (CodecCalibration's default)")
     p.add_argument("--distill-steps", type=int, default=40)
     p.add_argument("--distill-lr", type=float, default=1e-4)
+    p.add_argument("--adapt-steps", type=int, default=50, help="network adaptation steps (CodecCalibration's default)")
+    p.add_argument("--adapt-lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0, help="seed of the new classifier, the batch order and the flips")
     p.add_argument("--only", nargs="*", default=None, choices=sorted(REPORT_CODECS), help="codec rows to run")
     p.add_argument("--skip", nargs="*", default=(), help="labels of runs to leave out, e.g. fresh")
     p.add_argument("--baseline", type=float, default=None,
@@ -137,7 +146,8 @@ def main() -> None:
           f"{args.size} px, {args.epochs} epoch(s), SGD lr {args.lr} momentum {args.momentum}, batch {args.batch}; "
           f"bytes per chunk at chunks={args.chunks} (float32; the gradient back is the same size)", flush=True)
     header = (f"| {'codec':<14}| {'initialisation':<24}| {'acc %':>6} | {'Δ acc':>6} | {'rate':>6} | "
-              f"{'rate@224':>8} | {'up B/chunk':>11} | {'down B/chunk':>12} | {'err up':>6} | {'err down':>8} | {'s':>5} |")
+              f"{'rate@224':>8} | {'up B/chunk':>11} | {'down B/chunk':>12} | {'err up':>6} | {'err down':>8} | "
+              f"{'err tail':>8} | {'calib s':>7} | {'s':>5} |")
     print(header + "\n|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|", flush=True)
     baseline = args.baseline
     for row, runs in RUNS.items():
@@ -152,7 +162,8 @@ def main() -> None:
             err = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
             print(f"| {row:<14}| {label:<24}| {r['acc']:6.2f} | {delta:>6} | {r['rate']:6.4f} | "
                   f"{r['rate224']:8.4f} | {r['up']:11,} | {r['down']:12,} | {err(r['err_up']):>6} | "
-                  f"{err(r['err_down']):>8} | {r['seconds']:5.0f} |", flush=True)
+                  f"{err(r['err_down']):>8} | {err(r['err_tail']):>8} | {r['calib_seconds']:7.0f} | "
+                  f"{r['seconds']:5.0f} |", flush=True)
 
 
 if __name__ == "__main__":

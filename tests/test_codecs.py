@@ -150,6 +150,7 @@ def test_make_codec_by_name():
     (lambda: ConvInsert(8, 4, kernel_size=4)(torch.randn(2, 8, 6, 6)), r"cannot invert its geometry"),
     (lambda: CodecCalibration(batches=0), r"CodecCalibration\(batches=0\)"),
     (lambda: CodecCalibration(distill_steps=-1), r"CodecCalibration\(distill_steps=-1\)"),
+    (lambda: CodecCalibration(adapt_steps=1.5), r"CodecCalibration\(adapt_steps=1.5\)"),
 ])
 def test_clear_errors(call, match):
     """Bad names, ranks, channels and kernel sizes fail with a message naming the value and the fix."""
@@ -219,6 +220,26 @@ def test_distill_trains_only_the_codecs_towards_the_uncompressed_tail_input():
     assert "tail_input" not in calibrate(split, batches)  # no distillation steps: no extra passes
 
 
+def test_adapt_trains_the_network_towards_what_the_tail_received_before():
+    """adapt_steps: head, body and codecs learn to give the tail what the uncompressed network gave it; the tail,
+    frozen parameters and BatchNorm statistics stay, and no .grad is left behind."""
+    split = _bn_split(PowerIteration(2), None)  # at the up cut, so the network can make up for it
+    split.tail = nn.Sequential(nn.Flatten(1), nn.Linear(16 * 4 * 4, 3))
+    split.body[1].bias.requires_grad_(False)
+    frozen, tail = split.body[1].bias.detach().clone(), [p.detach().clone() for p in split.tail.parameters()]
+    trained = [split.head[0].weight, split.body[1].weight]
+    before = [p.detach().clone() for p in trained]
+    buffers = [b.clone() for b in split.head[1].buffers()]
+    batches = [torch.randn(16, 3, 16, 16) for _ in range(2)]
+    report = calibrate(split, batches, adapt_steps=60, adapt_lr=1e-2)
+    assert report["adapted"]["error_after"] < 0.7 * report["adapted"]["error_before"]
+    assert all(not torch.equal(a, p) for a, p in zip(before, trained))
+    assert torch.equal(frozen, split.body[1].bias) and all(torch.equal(a, p) for a, p in zip(tail, split.tail.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, split.head[1].buffers()))
+    assert all(p.grad is None for m in (split.head, split.body, split.tail) for p in m.parameters())
+    assert "adapted" not in calibrate(_bn_split(None, None), batches, adapt_steps=5)  # nothing to adapt to
+
+
 def test_warmup_lowers_the_error_of_a_codec_pca_cannot_initialise():
     """A conv insert with overlapping patches gets no PCA form; the reconstruction warm-up still trains it."""
     codec = ConvInsert(4, 4, kernel_size=3, stride=1, padding=1)
@@ -257,7 +278,8 @@ def test_presets_instantiate(preset, monkeypatch):
     for built, expected in ((cli.model.up_codec, up), (cli.model.down_codec, down)):
         assert type(built) is type(expected) and repr(built) == repr(expected)
     calibrations = [cb for cb in cli.trainer.callbacks if isinstance(cb, CodecCalibration)]
-    assert len(calibrations) == (1 if codec.startswith("convinsert") else 0)
+    assert len(calibrations) == (0 if codec == "none" else 1)
+    assert all(cb.adapt_steps == 50 for cb in calibrations)
 
 
 # -- two ranks -----------------------------------------------------------------------------------------------------
@@ -285,8 +307,11 @@ def test_two_rank_training_step_sends_the_analytic_bytes(two_rank_results, name)
 
 @pytest.mark.slow
 def test_calibration_on_the_client_reaches_the_server(two_rank_results):
-    """CodecCalibration runs on the client; the server's codec halves are the calibrated ones (lr 0 here)."""
+    """CodecCalibration runs on the client; the server's codec halves and body are the calibrated and adapted
+    ones (lr 0 here)."""
     client, server = two_rank_results[("convinsert", 0)], two_rank_results[("convinsert", 1)]
     assert client["calibration"]["up"]["error_init"] < client["calibration"]["up"]["error_fresh"]
-    for part in ("up.decoder", "down.encoder"):
+    assert client["calibration"]["adapted"]["error_after"] < client["calibration"]["adapted"]["error_before"]
+    assert client["calibrated"]["body"] != pytest.approx(client["body_before"], rel=1e-9)
+    for part in ("up.decoder", "down.encoder", "body"):
         assert server["server_has"][part] == pytest.approx(client["calibrated"][part], rel=1e-9)

@@ -87,8 +87,10 @@ class _RecordCalibration(CodecCalibration):
     """Remembers the server halves of the codecs as calibrated on the client, to compare with the server's."""
 
     def setup(self, trainer, pl_module, stage):
+        self.body_before = checksum(pl_module.body)
         super().setup(trainer, pl_module, stage)
-        self.sent = {"up.decoder": checksum(pl_module.up.decoder), "down.encoder": checksum(pl_module.down.encoder)}
+        self.sent = {"up.decoder": checksum(pl_module.up.decoder), "down.encoder": checksum(pl_module.down.encoder),
+                     "body": checksum(pl_module.body)}
 
 
 def main() -> None:
@@ -105,7 +107,7 @@ def main() -> None:
         up, down = (setting[k]() if k in setting else None for k in ("up", "down"))
         calibrate = setting.get("calibrate", False)
         model = SmallNet(up, down, lr=0.0 if calibrate else 0.05)
-        callbacks = [_RecordCalibration(batches=2, warmup_steps=5)] if calibrate else []
+        callbacks = [_RecordCalibration(batches=2, warmup_steps=5, adapt_steps=5, adapt_lr=1e-2)] if calibrate else []
         strategy = SplitPipelineStrategy(chunks=CHUNKS, timeout=120, wire=setting.get("wire"))
         trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1,
                             limit_train_batches=TRAIN_BATCHES, limit_val_batches=VAL_BATCHES, num_sanity_val_steps=0,
@@ -127,10 +129,11 @@ def main() -> None:
         if calibrate:
             if trainer.global_rank == 0:
                 result["calibrated"] = callbacks[0].sent
+                result["body_before"] = callbacks[0].body_before
                 result["calibration"] = callbacks[0].report
             else:
                 result["server_has"] = {"up.decoder": checksum(model.up.decoder),
-                                        "down.encoder": checksum(model.down.encoder)}
+                                        "down.encoder": checksum(model.down.encoder), "body": checksum(model.body)}
         print("RESULT " + json.dumps(result), flush=True)
 
 
