@@ -1,15 +1,17 @@
 """Codec benchmark: the report's MobileNetV2 / CIFAR-10 codecs, unsplit on one CPU, short fine-tune from ImageNet.
 
-    python -m experiments.bench_codecs --train 3200 --epochs 2 --test 2000     # ~25 CPU-minutes for all rows
+    python -m experiments.bench_codecs --train 3200 --epochs 2 --test 2000     # ~45 CPU-minutes for all rows
 
 For each codec (none, power iteration (3,7), conv insert 0.097 / 0.070) and each option, with and without
 (1 or 2 power iterations; fresh conv layers, PCA calibrated with BatchNorm on its ImageNet running statistics
-or on batch statistics, and the distillation warm-up: see ``RUNS``) it fine-tunes the pretrained MobileNetV2
+or on batch statistics, the codecs' distillation warm-up, and the network's adaptation to its codecs that
+``CodecCalibration`` runs by default: see ``RUNS``) it fine-tunes the pretrained MobileNetV2
 with the report's SGD settings (lr 0.005, momentum 0.1, batch 64) on real CIFAR-10 at reduced resolution and
 prints one table row: test accuracy, its difference from no compression, the compress rate at this resolution
 and at the report's 224 px, the bytes per chunk crossing each cut (activation forward; its gradient back is
-the same size), and each codec's relative reconstruction error on the calibration batches when fine-tuning
-starts. The codecs run unsplit (same modules as the split run); bytes are
+the same size), each codec's relative reconstruction error on the calibration batches when fine-tuning
+starts, the relative error of the tail's input after adaptation, and the seconds spent calibrating and
+fine-tuning. ``--seed`` changes the new classifier, the batch order and the flips (not the calibration batches). The codecs run unsplit (same modules as the split run); bytes are
 :func:`splitlit.wire.analytic_link_bytes`, which the two-rank tests prove equal to what the transport sends.
 ``--only`` / ``--skip`` pick rows, so rows can run in parallel processes (``--baseline`` then gives the
 accuracy of ``none`` for the delta column).
@@ -33,7 +35,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # (codec row, label, options for report_codecs, options for calibrate or None for no calibration). For each option,
 # a row with it and one without: 1 vs 2 (the default) power iterations; calibration with BatchNorm on the ImageNet
-# running statistics (the previous default) vs on batch statistics (the default); the distillation warm-up.
+# running statistics vs on batch statistics (the default); the codecs' distillation warm-up; the adaptation of the
+# network (CodecCalibration's default: --adapt-steps at --adapt-lr).
 RUNS = {
     "none": [("-", {}, None)],
     "poweriter3_7": [("iters=1", {"iters": 1}, {}), ("iters=2", {}, {}), ("iters=2, adapt (default)", {}, {"adapt": True})],

@@ -20,6 +20,7 @@ from experiments.cli import CONFIG_DIR
 from experiments.cola_data import CoLADataModule, CoLAFormatError, read_glue_cola_tsv
 from experiments.cola_roberta import CoLAClassifier, MatthewsCorrCoef, main
 from splitlit import SplitPipelineStrategy
+from splitlit.codecs import PowerIteration, calibrate
 from tests.twoproc import REPO, SHARED_DATA, run_fit_script
 
 TOKENIZER = str(SHARED_DATA / "roberta-base-tokenizer")
@@ -102,6 +103,20 @@ def test_lora_trainable_parameters_per_rank():
                                                                 "out_proj.bias"}
     assert server == {n for n in lora if not n.startswith("0.")}
     assert len(client) + len(server) == sum(p.requires_grad for p in model.parameters())  # nothing else trains
+
+
+def test_adaptation_to_a_codec_trains_only_what_fine_tuning_would(dev_batch):
+    """CodecCalibration's adaptation on a LoRA RoBERTa with power iteration at the up cut: the classifier input
+    moves towards the uncompressed one, only LoRA adapters change, and the attention mask rides through."""
+    model = tiny_model(lora_r=4, up_codec=PowerIteration(4))
+    split = model.configure_split()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    report = calibrate(split, [model.split_inputs(dev_batch)], adapt_steps=30, adapt_lr=1e-2)
+    assert report["adapted"]["error_after"] < 0.8 * report["adapted"]["error_before"]
+    params = dict(model.named_parameters())
+    assert all(torch.equal(v, params[n]) for n, v in frozen.items())
+    assert any(not torch.equal(v, params[n]) for n, v in lora.items())
 
 
 def test_dev_set_scored_whole():
