@@ -11,7 +11,8 @@ prints one table row: test accuracy, its difference from no compression, the com
 and at the report's 224 px, the bytes per chunk crossing each cut (activation forward; its gradient back is
 the same size), each codec's relative reconstruction error on the calibration batches when fine-tuning
 starts, the relative error of the tail's input after adaptation, and the seconds spent calibrating and
-fine-tuning. ``--seed`` changes the new classifier, the batch order and the flips (not the calibration batches). The codecs run unsplit (same modules as the split run); bytes are
+fine-tuning. ``--seed`` changes the new classifier, the batch order and the flips (not the calibration
+batches). The codecs run unsplit (same modules as the split run); bytes are
 :func:`splitlit.wire.analytic_link_bytes`, which the two-rank tests prove equal to what the transport sends.
 ``--only`` / ``--skip`` pick rows, so rows can run in parallel processes (``--baseline`` then gives the
 accuracy of ``none`` for the delta column).
@@ -39,7 +40,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 # network (CodecCalibration's default: --adapt-steps at --adapt-lr).
 RUNS = {
     "none": [("-", {}, None)],
-    "poweriter3_7": [("iters=1", {"iters": 1}, {}), ("iters=2", {}, {}), ("iters=2, adapt (default)", {}, {"adapt": True})],
+    "poweriter3_7": [("iters=1", {"iters": 1}, {}), ("iters=2", {}, {}),
+                     ("iters=2, adapt (default)", {}, {"adapt": True})],
     "convinsert097": [("fresh", {}, {"pca": False}), ("pca, eval BN", {}, {"batch_stats": False}),
                       ("pca, batch BN", {}, {}), ("pca, batch BN, distil", {}, {"distill": True}),
                       ("pca, adapt (default)", {}, {"adapt": True})],

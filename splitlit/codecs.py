@@ -22,7 +22,7 @@ import logging
 import math
 import warnings
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -398,19 +398,6 @@ def _calibration_mode(parts: list[nn.Module], batch_stats: bool) -> Iterator[Non
             m.train(mode)
 
 
-@contextmanager
-def _running_statistics(parts: list[nn.Module]) -> Iterator[None]:
-    """BatchNorm in ``parts`` on its running statistics (eval mode) for a while: the teacher as it is used."""
-    norms = [(m, m.training) for p in parts for m in p.modules() if isinstance(m, _BATCH_NORMS)]
-    for m, _ in norms:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, mode in norms:
-            m.train(mode)
-
-
 @torch.no_grad()
 def _cut_activations(split: Split, batches: list[tuple], cut: str) -> Tensor:
     """The activations entering the ``cut`` codec's encoder, computed unsplit (up codec in place for "down")."""
@@ -468,7 +455,9 @@ def distill(split: Split, batches: list[tuple], *, steps: int, lr: float = 1e-4,
     parts = [split.up, split.down] + ([split.head, split.body] if network else [])
     params = [p for m in parts if m is not None and (network or isinstance(m, Codec))
               for p in m.parameters() if p.requires_grad]
-    with torch.no_grad(), _running_statistics([split.head, split.body] if network else []):
+    # The teacher of the network's adaptation is the network as it is used: BatchNorm on running statistics.
+    teacher_mode = _calibration_mode([split.head, split.body], batch_stats=False) if network else nullcontext()
+    with torch.no_grad(), teacher_mode:
         targets = [_tail_input(split, b, codecs=False).detach() for b in batches]
 
     def error() -> float:

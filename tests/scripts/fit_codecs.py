@@ -134,7 +134,9 @@ def main() -> None:
             else:
                 result["server_has"] = {"up.decoder": checksum(model.up.decoder),
                                         "down.encoder": checksum(model.down.encoder), "body": checksum(model.body)}
-        print("RESULT " + json.dumps(result), flush=True)
+        # one write with its newline: both ranks share the pipe, and a line written in pieces can interleave
+        sys.stdout.write("RESULT " + json.dumps(result) + "\n")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
