@@ -283,12 +283,27 @@ class ShapedLink:
             out[role] = {"rx_bytes": int(stats["rx"]["bytes"]), "tx_bytes": int(stats["tx"]["bytes"])}
         return out
 
-    def probe(self, seconds: float = 1.0) -> dict[str, float]:
-        """Measure the throughput of one TCP stream each way, about ``seconds`` each at the nominal rate."""
+    def probe(self, seconds: float = 1.0, tries: int = 3) -> dict[str, float]:
+        """Measure the throughput of one TCP stream each way, about ``seconds`` each at the nominal rate.
+
+        A short stream can lose a large part of its time to one stall (a retransmission timeout after a drop at
+        the shaper's queue, the host scheduling something else), which says nothing about the link's rate. So a
+        direction whose stream delivers under 90% of the nominal rate is measured again, up to ``tries``
+        streams, and the best is kept (a stall only ever lowers the rate; the shaper caps it).
+        """
+        if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
+            raise ValueError(f"probe(tries={tries!r}): give at least 1 try.")
         nbytes = max(16 * 1024, int(self.spec.bandwidth_bps / 8 * seconds))
-        up = self._stream("client", "server", nbytes, seconds)
-        down = self._stream("server", "client", nbytes, seconds)
-        self.probed = {"up_mbit": round(up, 2), "down_mbit": round(down, 2), "bytes": nbytes}
+        enough = 0.9 * self.spec.bandwidth_bps / 1e6
+        rates = {}
+        for sender, receiver, key in (("client", "server", "up_mbit"), ("server", "client", "down_mbit")):
+            best = 0.0
+            for _ in range(tries):
+                best = max(best, self._stream(sender, receiver, nbytes, seconds))
+                if best >= enough:
+                    break
+            rates[key] = round(best, 2)
+        self.probed = {**rates, "bytes": nbytes}
         return self.probed
 
     def _stream(self, sender: str, receiver: str, nbytes: int, seconds: float) -> float:
