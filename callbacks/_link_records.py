@@ -144,11 +144,11 @@ class ServerView:
 def from_server(strategy: Any, windows: Sequence[LinkTotals]) -> list[ServerView] | None:
     """Both ranks call this at the same point; the client gets the server's view of each window, the server None.
 
-    One ``all_gather`` of ``3 * len(windows)`` float64 values.
+    One ``gather`` of ``3 * len(windows)`` float64 values to the client: the server receives nothing.
     """
     values = [x for w in windows for x in (w.compute_s, w.pipeline_s, w.peak_recv_Bps)]
-    rows = strategy.all_gather(torch.tensor(values, dtype=torch.float64, device=strategy.root_device))
-    if not strategy.is_client:
+    rows = strategy.gather_to_client(torch.tensor(values, dtype=torch.float64, device=strategy.root_device))
+    if rows is None:
         return None
     server = rows[1].tolist()
     return [ServerView(*server[i:i + 3]) for i in range(0, len(server), 3)]

@@ -25,7 +25,7 @@ class PipelineTimingMonitor(Callback):
     Times come from ``time.perf_counter()``; stage computations from the strategy's
     :class:`~splitlit.stage.LinkMeter` (each stage's forward or backward of one micro-batch, timed around the
     computation alone). Everything is logged once, by the client (rank 0); the server's times reach it through
-    one small ``all_gather`` on each logging step and at each epoch end, which both ranks run.
+    one small ``gather`` to the client on each logging step and at each epoch end, which both ranks run.
 
     Logged keys, in seconds per training batch unless said otherwise. The per-batch keys are logged on
     Lightning's logging steps (``log_every_n_steps``) and describe that batch; with ``_epoch`` appended they are

@@ -7,7 +7,11 @@ Usage::
 
 Rank 0 is the client: it holds the data, the labels, the head, the tail and their optimiser state.
 Rank 1 is the server: it holds the body and never builds a dataset or sees a batch; its loops iterate
-placeholders of the same length as the client's loaders. Each training batch runs through
+placeholders of the same length as the client's loaders. Outside the pipeline the server receives only its own
+weights, its own share of a checkpoint on resume, loader lengths and the client's decisions (save now, stop),
+all as tensors (:mod:`splitlit.transport`: nothing is unpickled), and only after both ranks proved they hold
+the job's secret. Checkpoints are gathered to the client; callbacks that read metrics (``ModelCheckpoint``,
+``EarlyStopping``) run on the client, and the server follows what they decide. Each training batch runs through
 ``torch.distributed.pipelining`` in ``chunks`` micro-batches; the LightningModule's own
 ``training_step`` computes the loss of each micro-batch on the client (its ``self(...)`` call returns
 the pipeline's output for that micro-batch), so the same module trains unsplit under any other strategy.
@@ -16,7 +20,9 @@ the pipeline's output for that micro-batch), so the same module trains unsplit u
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -26,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage
@@ -38,6 +45,7 @@ from splitlit.pipeline import CLIENT, SERVER, SplitPipeline, link_errors
 from splitlit.schedule import ORDERS
 from splitlit.split import Split, SplitError
 from splitlit.stage import LinkMeter
+from splitlit.transport import Channel, Ledger, authenticate, resolve_secret
 from splitlit.wire import WirePlan
 
 __all__ = ["SplitPipelineStrategy"]
@@ -86,6 +94,10 @@ class SplitPipelineStrategy(DDPStrategy):
         self.order = order
         self.timeout_s = float(timeout)
         self.meter = LinkMeter()
+        self.ledger = Ledger()  # what this rank received outside the pipeline, by name
+        self._channel: Channel | None = None
+        self._protocol = False  # inside a client-led callback hook (see _lead_or_follow)
+        self._auth_rounds = 0
         self.pipeline: SplitPipeline | None = None
         self.split: Split | None = None
         self._owned: list[nn.Parameter] = []
@@ -108,20 +120,35 @@ class SplitPipelineStrategy(DDPStrategy):
 
     # -- set-up -------------------------------------------------------------------------------------------------
     @override
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if not self.cluster_environment.creates_processes_externally and self.num_nodes == 1:
+            resolve_secret(multi_host=False)  # generated here, inherited by the processes the launcher starts
+
+    @override
     def setup_environment(self) -> None:
+        secret = resolve_secret(multi_host=self.num_nodes > 1,
+                                local_key=f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}")
         super().setup_environment()
         if self.world_size != 2:
             raise MisconfigurationException(
                 f"SplitPipelineStrategy runs on exactly 2 processes (client and server), got world size "
                 f"{self.world_size}. Use Trainer(devices=2) on one machine, or num_nodes=2, devices=1 on two."
             )
+        # Before anything else crosses: each rank proves it holds the job's secret.
+        self._auth_rounds += 1
+        authenticate(dist.distributed_c10d._get_default_store(), rank=self.global_rank, secret=secret,
+                     timeout=self.timeout_s, run_id=str(self._auth_rounds))
         log.info("rank %d is the %s", self.global_rank, self.role)
+        comm = torch.device("cpu") if dist.get_backend() == "gloo" else self.root_device
+        self._channel = Channel(self.global_rank, comm, self.ledger)
         trainer = self.lightning_module.trainer
         # Only the client reads data, and it reads all of it with the user's own loader and sampler: Lightning
         # would otherwise swap in a shuffling DistributedSampler for this DDP subclass.
         trainer._accelerator_connector.use_distributed_sampler = False
         if not self.is_client:
             _keep_data_off_server(trainer)
+        _follow_client_resume(trainer, self)
 
     @override
     def setup(self, trainer: Trainer) -> None:
@@ -151,9 +178,10 @@ class SplitPipelineStrategy(DDPStrategy):
             _keep_own_params(self.optimizers, self._owned, self.role)
         self.setup_precision_plugin()
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_global_norm  # type: ignore[method-assign]
-        # 6. The server needs the client's logged metrics to take the same checkpoint decisions.
-        if not any(isinstance(cb, _ClientMetricsToServer) for cb in trainer.callbacks):
-            trainer.callbacks.insert(0, _ClientMetricsToServer())
+        # 6. Callbacks that read metrics decide on the client; the server follows their decisions.
+        for callback in trainer.callbacks:
+            if isinstance(callback, (ModelCheckpoint, EarlyStopping)):
+                _lead_or_follow(callback, self)
 
     def _check_precision(self) -> None:
         plugin = self.precision_plugin
@@ -165,28 +193,27 @@ class SplitPipelineStrategy(DDPStrategy):
 
     def _sync_server_weights(self, module: LightningModule) -> None:
         """Give the server the client's initial body weights, so only the client needs to load pretrained files."""
-        assert self.split is not None
+        assert self.split is not None and self._channel is not None
         server_names = _tensor_names(module, _owned_tensors(self.split, module, is_client=False))
         state = module.state_dict()
-        payload: list[Any] = [None]
-        if self.is_client and not any(state[k].is_meta for k in server_names):  # not yet split (first setup)
-            payload[0] = {k: state[k].cpu() for k in server_names}
+        fresh = self.is_client and not any(state[k].is_meta for k in server_names)  # not yet split (first setup)
         with link_errors("set-up (sending the server its initial weights)", rank=self.global_rank,
                          timeout=self.timeout_s):
-            dist.broadcast_object_list(payload, src=CLIENT)
-        if not self.is_client and payload[0] is not None:
-            module.load_state_dict(payload[0], strict=False)
+            weights = self._channel.broadcast({k: state[k] for k in server_names} if fresh else None,
+                                              src=CLIENT, what="server weights")
+        if not self.is_client and weights is not None:
+            _check_share(weights, server_names, "initial weights")
+            module.load_state_dict(weights, strict=False)
 
     # -- data ---------------------------------------------------------------------------------------------------
     @override
     def process_dataloader(self, dataloader: object) -> object:
-        info: list[Any] = [None]
-        if self.is_client:
-            info[0] = self._describe_loader(dataloader)
-        dist.broadcast_object_list(info, src=CLIENT)
-        length, error = info[0]
-        if error:
-            raise MisconfigurationException(error)
+        assert self._channel is not None
+        length, error = self._describe_loader(dataloader) if self.is_client else (0, None)
+        length, failed = self._channel.broadcast_ints([length, int(error is not None)] if self.is_client else None,
+                                                      length=2, src=CLIENT, what="loader length")
+        if failed:
+            raise MisconfigurationException(error or "The client rejected its data loader; its error says why.")
         return dataloader if self.is_client else _ServerBatches(length)
 
     def _describe_loader(self, dataloader: object) -> tuple[int, str | None]:
@@ -310,14 +337,52 @@ class SplitPipelineStrategy(DDPStrategy):
         with _returning(module, output):
             return getattr(module, hook)(*args, **kwargs)
 
-    # -- collectives: the client is the only rank with metrics ---------------------------------------------------
+    # -- collectives: the client is the only rank with data, labels and metrics ---------------------------------
     @override
     def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
         return tensor  # logged values exist on the client only; there is nothing to reduce them with
 
     @override
+    def all_gather(self, tensor: Tensor, group: Any = None, sync_grads: bool = False) -> Tensor:
+        raise MisconfigurationException(
+            "SplitPipelineStrategy has no all_gather: it would hand the client's values to the server. Compute on "
+            "the client, or use strategy.gather_to_client(tensor) to bring the server's values to the client."
+        )
+
+    def gather_to_client(self, tensor: Tensor) -> Tensor | None:
+        """Both ranks call it with same-shaped tensors; the client gets ``[client's, server's]``, the server None."""
+        assert self._channel is not None
+        local = tensor.detach().to(self._channel.device)
+        rows = [torch.empty_like(local) for _ in range(2)] if self.is_client else None
+        dist.gather(local, rows, dst=CLIENT)
+        return torch.stack(rows).to(tensor.device) if rows is not None else None
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """Lightning's broadcasts (paths, flags) as tensors, never pickles; inside a client-led hook, announced."""
+        assert self._channel is not None
+        self._announce(_BROADCAST)
+        return self._channel.broadcast(obj, src=src, what="decision")
+
+    @override
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
-        return bool(self.broadcast(decision, src=CLIENT))
+        assert self._channel is not None
+        self._announce(_DECIDE)
+        (value,) = self._channel.broadcast_ints([int(bool(decision))] if self.is_client else None, length=1,
+                                                src=CLIENT, what="decision")
+        return bool(value)
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if self._protocol:
+            return  # inside a client-led hook only the client touches files: nothing to wait for
+        super().barrier(*args, **kwargs)
+
+    def _announce(self, op: int, arg: int = 0) -> None:
+        """Inside a client-led hook, tell the following server which collective comes next."""
+        if self._protocol and self.is_client:
+            assert self._channel is not None
+            self._channel.broadcast_ints([op, arg], length=2, src=CLIENT, what="decision")
 
     def _clip_grad_by_global_norm(self, optimizer: Any, clip_val: float) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -329,36 +394,55 @@ class SplitPipelineStrategy(DDPStrategy):
             total = squared.sqrt().to(device=params[0].grad.device, dtype=local.dtype)
             torch.nn.utils.clip_grads_with_norm_(params, clip_val, total)
 
-    # -- checkpoints: one file, written by the client, loadable into the unsplit module --------------------------
+    # -- checkpoints: gathered to the client, one file loadable into the unsplit module -------------------------
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        own = {k: v.cpu() for k, v in self.lightning_module.state_dict().items()
-               if not (isinstance(v, Tensor) and v.is_meta)}
-        parts: list[Any] = [None, None]
-        with link_errors("checkpointing (gathering the weights)", rank=self.global_rank, timeout=self.timeout_s):
-            dist.all_gather_object(parts, own)
-        return {**parts[SERVER], **parts[CLIENT]} if self.is_client else own
+        return {k: v for k, v in self.lightning_module.state_dict().items()
+                if not (isinstance(v, Tensor) and v.is_meta)}  # this rank's own tensors: nothing crosses here
 
     @override
-    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
-        own = super().optimizer_state(optimizer)
-        parts: list[Any] = [None, None]
-        with link_errors("checkpointing (gathering the optimiser states)", rank=self.global_rank,
-                         timeout=self.timeout_s):
-            dist.all_gather_object(parts, own)
-        return {"split_ranks": parts}
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """The server sends the client its share; the client merges it and writes the file."""
+        assert self._channel is not None
+        self._announce(_SAVE, int(_is_weights_only(checkpoint)))
+        with link_errors("checkpointing (the server's share)", rank=self.global_rank, timeout=self.timeout_s):
+            if not self.is_client:
+                self._channel.send({k: checkpoint[k] for k in _SERVER_SHARE if k in checkpoint}, dst=CLIENT)
+                return
+            share = self._channel.recv(src=SERVER, what="server checkpoint share")
+        checkpoint = {**checkpoint, "state_dict": {**share.pop("state_dict"), **checkpoint["state_dict"]}}
+        if "optimizer_states" in checkpoint:
+            checkpoint["optimizer_states"] = [{"split_ranks": [own, server]} for own, server in
+                                              zip(checkpoint["optimizer_states"], share.pop("optimizer_states"))]
+        checkpoint[_SERVER_KEY] = share
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        # The client reads the file and hands the server its share: the server may be another machine.
-        payload: list[Any] = [None]
+        """The client reads the file and sends the server its share: the server may be another machine."""
+        assert self._channel is not None
+        share = None
         if self.is_client:
-            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-            server_keys = {k for k, v in self.lightning_module.state_dict().items() if v.is_meta}
-            payload[0] = {**checkpoint,
-                          "state_dict": {k: v for k, v in checkpoint["state_dict"].items() if k in server_keys}}
-        dist.broadcast_object_list(payload, src=CLIENT)
-        return checkpoint if self.is_client else payload[0]
+            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=True)
+            share = self._server_share(checkpoint, checkpoint_path)
+        with link_errors("resuming (sending the server its share)", rank=self.global_rank, timeout=self.timeout_s):
+            share = self._channel.broadcast(share, src=CLIENT, what="server checkpoint share")
+        return checkpoint if self.is_client else share
+
+    def _server_share(self, checkpoint: dict[str, Any], path: Any) -> dict[str, Any]:
+        server_keys = [k for k, v in self.lightning_module.state_dict().items() if v.is_meta]
+        missing = [k for k in server_keys if k not in checkpoint.get("state_dict", {})]
+        if missing:
+            raise KeyError(f"The checkpoint {path} lacks {len(missing)} of the server's tensors, e.g. {missing[:3]}: "
+                           f"it was written for another model or split. Resume from a checkpoint of this model.")
+        share = {k: v for k, v in checkpoint.get(_SERVER_KEY, {}).items()}
+        share["state_dict"] = {k: checkpoint["state_dict"][k] for k in server_keys}
+        if "optimizer_states" in checkpoint:
+            share["optimizer_states"] = [{"split_ranks": [{}, _rank_state(s, SERVER, path)]}
+                                         for s in checkpoint["optimizer_states"]]
+        for key in ("epoch", "global_step", "pytorch-lightning_version"):
+            share.setdefault(key, checkpoint.get(key))
+        return share
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
@@ -374,10 +458,7 @@ class SplitPipelineStrategy(DDPStrategy):
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            if "split_ranks" not in state:
-                raise KeyError("This checkpoint's optimiser states were not written by SplitPipelineStrategy; "
-                               "resume it without the split, or load its weights only.")
-            optimizer.load_state_dict(state["split_ranks"][self.global_rank])
+            optimizer.load_state_dict(_rank_state(state, self.global_rank, "this checkpoint"))
 
     # -- teardown -----------------------------------------------------------------------------------------------
     @override
@@ -397,25 +478,89 @@ class SplitPipelineStrategy(DDPStrategy):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-class _ClientMetricsToServer(Callback):
-    """Copies the client's logged metrics to the server before checkpoint and early-stopping callbacks read them."""
+_DONE, _SAVE, _DECIDE, _BROADCAST = 0, 1, 2, 3
+_LED_HOOKS = ("on_train_batch_end", "on_train_epoch_end", "on_validation_end", "on_train_end")
+_SERVER_KEY = "split_server"  # the server's loops, schedulers and precision state in the client's file
+_SERVER_SHARE = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "epoch", "global_step",
+                 "pytorch-lightning_version", "MixedPrecision")
 
-    def _sync(self, trainer: Trainer) -> None:
-        strategy = trainer.strategy
-        metrics = {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in trainer.callback_metrics.items()}
-        metrics = strategy.broadcast(metrics, src=CLIENT)
-        if strategy.global_rank != CLIENT:
-            trainer.callback_metrics.update(metrics)
 
-    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
-        if any(getattr(cb, "_every_n_train_steps", 0) for cb in trainer.checkpoint_callbacks):
-            self._sync(trainer)
+def _lead_or_follow(callback: Callback, strategy: SplitPipelineStrategy) -> None:
+    """Run a metric-reading callback's hooks on the client only; the server repeats its collectives, in order.
 
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._sync(trainer)
+    The client runs the hook and announces each collective it makes (a save, a decision, a broadcast), then
+    "done" with its ``trainer.should_stop``; the server takes part in each and learns the decisions, never the
+    metrics. Replaced on the instance, so Lightning still sees a ``ModelCheckpoint`` or ``EarlyStopping``.
+    """
+    for name in _LED_HOOKS:
+        hook = getattr(callback, name)
+        if getattr(hook, "_split_led", False):
+            continue
+        led = functools.partial(_led_hook, hook, strategy)
+        led._split_led = True  # type: ignore[attr-defined]
+        setattr(callback, name, led)
 
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._sync(trainer)
+
+def _led_hook(hook: Callable, strategy: SplitPipelineStrategy, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+    channel = strategy._channel
+    assert channel is not None
+    strategy._protocol = True
+    try:
+        if strategy.is_client:
+            hook(trainer, *args, **kwargs)
+            channel.broadcast_ints([_DONE, int(trainer.should_stop)], length=2, src=CLIENT, what="decision")
+            return
+        while True:
+            op, arg = channel.broadcast_ints(None, length=2, src=CLIENT, what="decision")
+            if op == _DONE:
+                trainer.should_stop = bool(arg)
+                return
+            if op == _SAVE:
+                trainer.save_checkpoint("<written by the client>", weights_only=bool(arg))
+            elif op == _DECIDE:
+                strategy.reduce_boolean_decision(False)
+            elif op == _BROADCAST:
+                strategy.broadcast(None)
+            else:
+                raise RuntimeError(f"The client sent an unknown callback step {op}: both ranks must run the same "
+                                   f"splitlit version.")
+    finally:
+        strategy._protocol = False
+
+
+def _follow_client_resume(trainer: Trainer, strategy: SplitPipelineStrategy) -> None:
+    """Only the client resolves and reads ``ckpt_path``; the server resumes exactly when the client does."""
+    connector = trainer._checkpoint_connector
+    original = getattr(connector.resume_start, "_split_original", connector.resume_start)
+
+    def resume_start(checkpoint_path: Any = None, weights_only: bool | None = None) -> None:
+        assert strategy._channel is not None
+        (resumes,) = strategy._channel.broadcast_ints([int(bool(checkpoint_path))] if strategy.is_client else None,
+                                                      length=1, src=CLIENT, what="decision")
+        if not strategy.is_client:
+            checkpoint_path = "<read by the client>" if resumes else None
+        original(checkpoint_path, weights_only)
+
+    resume_start._split_original = original  # type: ignore[attr-defined]
+    connector.resume_start = resume_start
+
+
+def _is_weights_only(checkpoint: Mapping[str, Any]) -> bool:
+    return "optimizer_states" not in checkpoint
+
+
+def _rank_state(state: Mapping[str, Any], rank: int, path: Any) -> Any:
+    if "split_ranks" not in state:
+        raise KeyError(f"The optimiser states in {path} were not written by SplitPipelineStrategy; resume it without "
+                       f"the split, or load its weights only.")
+    return state["split_ranks"][rank]
+
+
+def _check_share(weights: Mapping[str, Any], expected: list[str], what: str) -> None:
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        raise KeyError(f"The client sent the server {what} it does not own: {unexpected[:5]}. Both ranks must run "
+                       f"the same model and split.")
 
 
 class _ServerBatches:

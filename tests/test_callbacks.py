@@ -1,7 +1,7 @@
 """The measurement callbacks on synthetic link records: known tensors, a fake clock, exact bytes and times.
 
 No process group: a fake strategy stands in for the two ranks. The server's callback runs first on the
-server's records; what it hands to ``all_gather`` is what the client's fake ``all_gather`` returns as rank 1.
+server's records; what it hands to ``gather_to_client`` is what the client's fake returns as rank 1.
 """
 
 from __future__ import annotations
@@ -35,19 +35,21 @@ class FakeClock:
 
 
 class FakeStrategy:
-    """One rank of the split: a meter, a role, and an ``all_gather`` whose other row comes from ``peer``."""
+    """One rank of the split: a meter, a role, and a ``gather_to_client`` whose server row comes from ``peer``."""
 
     def __init__(self, *, is_client: bool, meter: LinkMeter | None) -> None:
         self.is_client = is_client
         self.meter = meter
         self.root_device = torch.device("cpu")
-        self.sent: list[torch.Tensor] = []  # what this rank handed to all_gather
+        self.sent: list[torch.Tensor] = []  # what this rank handed to gather_to_client
         self.peer: list[torch.Tensor] = []  # what the other rank hands, in order
 
-    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+    def gather_to_client(self, tensor: torch.Tensor) -> torch.Tensor | None:
         self.sent.append(tensor.clone())
+        if not self.is_client:
+            return None  # the server receives nothing
         other = self.peer.pop(0) if self.peer else torch.full_like(tensor, float("nan"))
-        return torch.stack([tensor, other] if self.is_client else [other, tensor])
+        return torch.stack([tensor, other])
 
 
 class FakeTrainer:

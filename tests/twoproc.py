@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -34,7 +35,8 @@ def _env(extra: dict[str, str] | None) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
                 "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "MASTER_PORT", "MASTER_ADDR"):
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "MASTER_PORT", "MASTER_ADDR", "SPLITLIT_SECRET",
+                "SPLITLIT_SECRET_FILE"):
         env.pop(key, None)
     env["MASTER_ADDR"] = "127.0.0.1"
     env["MASTER_PORT"] = str(free_port())
@@ -69,8 +71,11 @@ def run_fit_script(script: str | Path, args: list[str], *, timeout: float, env: 
 
 def run_two_hosts(client: list[str], server: list[str], *, timeout: float, env: dict[str, str] | None = None,
                   server_env: dict[str, str] | None = None, cwd: str | Path | None = None) -> tuple[Result, Result]:
-    """Two commands, one per "host" (num_nodes=2, devices=1): NODE_RANK 0 is the client, 1 the server."""
-    base = _env(env)
+    """Two commands, one per "host" (num_nodes=2, devices=1): NODE_RANK 0 is the client, 1 the server.
+
+    Both get the same fresh ``SPLITLIT_SECRET`` (runs across hosts need one) unless ``env`` gives one.
+    """
+    base = _env({"SPLITLIT_SECRET": secrets.token_hex(32), **(env or {})})
     procs = []
     for node_rank, cmd, extra in ((0, client, None), (1, server, server_env)):
         e = dict(base, NODE_RANK=str(node_rank), LOCAL_RANK="0", WORLD_SIZE="2", **(extra or {}))
