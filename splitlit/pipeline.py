@@ -26,6 +26,7 @@ import torch.distributed as dist
 from splitlit.schedule import USchedule
 from splitlit.split import Split
 from splitlit.stage import LinkMeter, MeteredStage
+from splitlit.transport import Ledger
 from splitlit.wire import WirePlan
 
 __all__ = ["CLIENT", "SERVER", "PeerLostError", "SplitPipeline", "link_errors", "microbatch_count"]
@@ -84,12 +85,13 @@ class SplitPipeline:
         order: ``"1f1b"`` or ``"gpipe"`` (see :mod:`splitlit.schedule`).
         timeout: seconds, only used to word errors; the process group enforces it.
         meter: records every tensor handed to the transport.
+        ledger: books each step header the server receives (see :class:`splitlit.transport.Ledger`).
         wire: wire codecs per cut and direction (see :mod:`splitlit.wire`); both ranks must give the same.
     """
 
     def __init__(self, split: Split, *, rank: int, device: torch.device, chunks: int, order: str = "1f1b",
                  timeout: float = 300.0, meter: LinkMeter | None = None, cache_size: int = 16,
-                 wire: WirePlan | Mapping[str, Any] | None = None) -> None:
+                 wire: WirePlan | Mapping[str, Any] | None = None, ledger: Ledger | None = None) -> None:
         if rank not in (CLIENT, SERVER):
             raise ValueError(f"SplitPipeline runs on ranks 0 (client) and 1 (server), got rank={rank}.")
         self.split = split
@@ -99,6 +101,7 @@ class SplitPipeline:
         self.order = order
         self.timeout = timeout
         self.meter = meter if meter is not None else LinkMeter()
+        self.ledger = ledger if ledger is not None else Ledger()
         self.wire = WirePlan.parse(wire)
         # gloo carries CPU tensors only: with a GPU rank on gloo (the report's CPU client + GPU server), the
         # stages talk on the CPU and a bridge moves each stage's inputs to the GPU and its outputs back.
@@ -146,6 +149,8 @@ class SplitPipeline:
             header.copy_(self._encode_header(kind, inputs).to(self.comm_device))
         with self._link_errors("the step header"):
             dist.broadcast(header, src=CLIENT)
+        if not self.is_client:
+            self.ledger.book("header", header.numel() * header.element_size())
         key = tuple(header.tolist())
         if key[0] != kind:
             raise RuntimeError(
@@ -186,7 +191,7 @@ class SplitPipeline:
     def _build(self, kind: int, *, n_microbatches: int) -> USchedule:
         head, server, tail = self._modules
         make = lambda mod, idx: MeteredStage(mod, idx, 3, self.comm_device, meter=self.meter,  # noqa: E731
-                                             wire=self.wire)
+                                             wire=self.wire, ledger=self.ledger)
         stages = [make(head, 0), make(tail, 2)] if self.is_client else [make(server, 1)]
         loss_fn = self._dispatch_loss if kind == _TRAIN else None
         log.debug("rank %d: new %s schedule with %d micro-batches", self.rank, _KINDS[kind], n_microbatches)

@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch.distributed as dist
+import torch
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as _schedules
+from torch.distributed.pipelining._utils import _StageBackwardMeta, _StageForwardMeta, _TensorMeta
 
+from splitlit.transport import Ledger, pack, unpack
 from splitlit.wire import WireEndpoint, WirePlan
 
 __all__ = ["Compute", "LinkMeter", "MeteredStage", "Transfer"]
@@ -152,10 +155,29 @@ if getattr(_schedules._batch_p2p, "__name__", "") != "_watched_batch_p2p":
 class MeteredStage(PipelineStage):
     """``PipelineStage`` that reports the tensors of its send and receive ops to a :class:`LinkMeter`."""
 
-    def __init__(self, *args, meter: LinkMeter, wire: WirePlan | None = None, **kwargs) -> None:
+    def __init__(self, *args, meter: LinkMeter, wire: WirePlan | None = None, ledger: Ledger | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.meter = meter
+        self.ledger = ledger if ledger is not None else Ledger()
         self.wire = WireEndpoint(wire)  # wire codecs: encode what is sent, decode what arrives (splitlit.wire)
+
+    # torch sends the stages' shape metadata as pickles (send_object_list): a peer that could send a pickle could
+    # run code here. The same metadata crosses as tensors instead: shapes, strides, dtype names, requires_grad.
+    def _send_meta(self, meta: Any, dst_stage: int) -> None:
+        data = pack(_meta_to_plain(meta))
+        peer = self._resolve_peer_global_rank(dst_stage)
+        dist.send(torch.tensor([len(data)], dtype=torch.int64, device=self.device), dst=peer, group=self.group)
+        dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device), dst=peer, group=self.group)
+
+    def _recv_meta(self, src_stage: int) -> Any:
+        peer = self._resolve_peer_global_rank(src_stage)
+        size = torch.zeros(1, dtype=torch.int64, device=self.device)
+        dist.recv(size, src=peer, group=self.group)
+        payload = torch.empty(int(size), dtype=torch.uint8, device=self.device)
+        dist.recv(payload, src=peer, group=self.group)
+        self.ledger.book("stage metadata", int(size) + size.element_size())
+        return _meta_from_plain(unpack(payload.cpu().numpy().tobytes()))
 
     def _timed(self, what: str, mb: int, fn, *args, **kwargs) -> Any:
         start = time.perf_counter()
@@ -214,3 +236,37 @@ class MeteredStage(PipelineStage):
     def _retrieve_recv_grads(self, bwd_chunk_id: int) -> tuple:
         self.wire.decode(kind="gradient", chunk=bwd_chunk_id)
         return super()._retrieve_recv_grads(bwd_chunk_id)
+
+
+def _meta_to_plain(meta: Any) -> dict[str, Any]:
+    if isinstance(meta, _StageForwardMeta):
+        kind, metas = "forward", meta.forward_metas
+    elif isinstance(meta, _StageBackwardMeta):
+        kind, metas = "backward", meta.backward_metas
+    else:
+        raise TypeError(f"Unexpected pipeline stage metadata {type(meta).__name__}.")
+    plain = []
+    for m in metas:
+        if m is not None and type(m) is not _TensorMeta:
+            raise TypeError(f"splitlit sends plain tensors between the ranks, got a {type(m).__name__} "
+                            f"(DTensors are not supported across the cut).")
+        plain.append(None if m is None else {"shape": list(m.shape), "stride": list(m.stride),
+                                             "dtype": str(m.dtype).removeprefix("torch."),
+                                             "requires_grad": bool(m.requires_grad)})
+    return {"kind": kind, "metas": plain}
+
+
+def _meta_from_plain(plain: dict[str, Any]) -> Any:
+    metas = []
+    for m in plain["metas"]:
+        if m is None:
+            metas.append(None)
+            continue
+        dtype = getattr(torch, m["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"The peer described a tensor of dtype {m['dtype']!r}, which is not a torch dtype.")
+        metas.append(_TensorMeta(shape=torch.Size(int(d) for d in m["shape"]), stride=tuple(int(d) for d in m["stride"]),
+                                 dtype=dtype, requires_grad=bool(m["requires_grad"])))
+    if plain["kind"] == "forward":
+        return _StageForwardMeta(forward_metas=tuple(metas))
+    return _StageBackwardMeta(backward_metas=tuple(metas))

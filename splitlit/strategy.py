@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import logging
 import os
 import warnings
@@ -97,7 +98,6 @@ class SplitPipelineStrategy(DDPStrategy):
         self.ledger = Ledger()  # what this rank received outside the pipeline, by name
         self._channel: Channel | None = None
         self._protocol = False  # inside a client-led callback hook (see _lead_or_follow)
-        self._auth_rounds = 0
         self.pipeline: SplitPipeline | None = None
         self.split: Split | None = None
         self._owned: list[nn.Parameter] = []
@@ -136,9 +136,8 @@ class SplitPipelineStrategy(DDPStrategy):
                 f"{self.world_size}. Use Trainer(devices=2) on one machine, or num_nodes=2, devices=1 on two."
             )
         # Before anything else crosses: each rank proves it holds the job's secret.
-        self._auth_rounds += 1
         authenticate(dist.distributed_c10d._get_default_store(), rank=self.global_rank, secret=secret,
-                     timeout=self.timeout_s, run_id=str(self._auth_rounds))
+                     timeout=self.timeout_s, run_id=str(next(_AUTH_ROUNDS)))  # a fresh round per fit in this job
         log.info("rank %d is the %s", self.global_rank, self.role)
         comm = torch.device("cpu") if dist.get_backend() == "gloo" else self.root_device
         self._channel = Channel(self.global_rank, comm, self.ledger)
@@ -171,7 +170,7 @@ class SplitPipelineStrategy(DDPStrategy):
         # 4. The pipeline over this rank's stages.
         self.pipeline = SplitPipeline(self.split, rank=self.global_rank, device=self.root_device,
                                       chunks=self.chunks, order=self.order, timeout=self.timeout_s,
-                                      meter=self.meter, wire=self.wire)
+                                      meter=self.meter, wire=self.wire, ledger=self.ledger)
         # 5. Optimisers see only this rank's parameters; clipping uses the norm over both ranks.
         if trainer.state.fn == "fit":
             self.setup_optimizers(trainer)
@@ -210,7 +209,7 @@ class SplitPipelineStrategy(DDPStrategy):
     def process_dataloader(self, dataloader: object) -> object:
         assert self._channel is not None
         length, error = self._describe_loader(dataloader) if self.is_client else (0, None)
-        length, failed = self._channel.broadcast_ints([length, int(error is not None)] if self.is_client else None,
+        length, failed = self._channel.broadcast_numbers([length, int(error is not None)] if self.is_client else None,
                                                       length=2, src=CLIENT, what="loader length")
         if failed:
             raise MisconfigurationException(error or "The client rejected its data loader; its error says why.")
@@ -368,7 +367,7 @@ class SplitPipelineStrategy(DDPStrategy):
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         assert self._channel is not None
         self._announce(_DECIDE)
-        (value,) = self._channel.broadcast_ints([int(bool(decision))] if self.is_client else None, length=1,
+        (value,) = self._channel.broadcast_numbers([int(bool(decision))] if self.is_client else None, length=1,
                                                 src=CLIENT, what="decision")
         return bool(value)
 
@@ -382,17 +381,26 @@ class SplitPipelineStrategy(DDPStrategy):
         """Inside a client-led hook, tell the following server which collective comes next."""
         if self._protocol and self.is_client:
             assert self._channel is not None
-            self._channel.broadcast_ints([op, arg], length=2, src=CLIENT, what="decision")
+            self._channel.broadcast_numbers([op, arg], length=2, src=CLIENT, what="decision")
 
     def _clip_grad_by_global_norm(self, optimizer: Any, clip_val: float) -> None:
+        """Clip both ranks by the norm of the whole model's gradient.
+
+        The server sends its squared norm up; the client answers with the scale both apply, ``min(1, clip /
+        norm)``: the server learns the scale (1 when nothing is clipped), never the client's norm.
+        """
+        assert self._channel is not None
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         local = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-        assert self.pipeline is not None
-        squared = (local.double() ** 2).to(self.pipeline.comm_device)
-        dist.all_reduce(squared)  # both ranks clip by the norm of the whole model's gradient
-        if params:
-            total = squared.sqrt().to(device=params[0].grad.device, dtype=local.dtype)
-            torch.nn.utils.clip_grads_with_norm_(params, clip_val, total)
+        squared = self.gather_to_client((local.double() ** 2).reshape(1))
+        scale = None
+        if squared is not None:
+            total = float(squared.sum().sqrt())
+            scale = [min(1.0, clip_val / (total + 1e-6))]  # torch's clip_grads_with_norm_ formula
+        (scale,) = self._channel.broadcast_numbers(scale, length=1, src=CLIENT, what="clip scale",
+                                                   dtype=torch.float64)
+        if params and scale < 1.0:
+            torch._foreach_mul_([p.grad for p in params], scale)
 
     # -- checkpoints: gathered to the client, one file loadable into the unsplit module -------------------------
     @override
@@ -478,6 +486,7 @@ class SplitPipelineStrategy(DDPStrategy):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+_AUTH_ROUNDS = itertools.count()
 _DONE, _SAVE, _DECIDE, _BROADCAST = 0, 1, 2, 3
 _LED_HOOKS = ("on_train_batch_end", "on_train_epoch_end", "on_validation_end", "on_train_end")
 _SERVER_KEY = "split_server"  # the server's loops, schedulers and precision state in the client's file
@@ -508,10 +517,10 @@ def _led_hook(hook: Callable, strategy: SplitPipelineStrategy, trainer: Trainer,
     try:
         if strategy.is_client:
             hook(trainer, *args, **kwargs)
-            channel.broadcast_ints([_DONE, int(trainer.should_stop)], length=2, src=CLIENT, what="decision")
+            channel.broadcast_numbers([_DONE, int(trainer.should_stop)], length=2, src=CLIENT, what="decision")
             return
         while True:
-            op, arg = channel.broadcast_ints(None, length=2, src=CLIENT, what="decision")
+            op, arg = channel.broadcast_numbers(None, length=2, src=CLIENT, what="decision")
             if op == _DONE:
                 trainer.should_stop = bool(arg)
                 return
@@ -535,7 +544,7 @@ def _follow_client_resume(trainer: Trainer, strategy: SplitPipelineStrategy) -> 
 
     def resume_start(checkpoint_path: Any = None, weights_only: bool | None = None) -> None:
         assert strategy._channel is not None
-        (resumes,) = strategy._channel.broadcast_ints([int(bool(checkpoint_path))] if strategy.is_client else None,
+        (resumes,) = strategy._channel.broadcast_numbers([int(bool(checkpoint_path))] if strategy.is_client else None,
                                                       length=1, src=CLIENT, what="decision")
         if not strategy.is_client:
             checkpoint_path = "<read by the client>" if resumes else None

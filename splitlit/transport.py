@@ -122,21 +122,22 @@ class Channel:
         self.device = torch.device(device)
         self.ledger = ledger if ledger is not None else Ledger()
 
-    def broadcast_ints(self, values: Sequence[int] | None, *, length: int, src: int, what: str) -> list[int]:
-        """``length`` integers from ``src`` (its ``values``); the others get them."""
-        words = torch.zeros(length, dtype=torch.int64, device=self.device)
+    def broadcast_numbers(self, values: Sequence[float] | None, *, length: int, src: int, what: str,
+                          dtype: torch.dtype = torch.int64) -> list:
+        """``length`` numbers from ``src`` (its ``values``, as one ``dtype`` tensor); the others get them."""
+        words = torch.zeros(length, dtype=dtype, device=self.device)
         if self.rank == src:
             assert values is not None and len(values) == length, (values, length)
-            words.copy_(torch.tensor(list(values), dtype=torch.int64))
+            words.copy_(torch.tensor(list(values), dtype=dtype))
         dist.broadcast(words, src=src)
         if self.rank != src:
             self.ledger.book(what, words.numel() * words.element_size())
-        return [int(v) for v in words.tolist()]
+        return words.tolist()
 
     def broadcast(self, obj: Any, *, src: int, what: str) -> Any:
         """``obj`` packed on ``src`` (see :func:`pack`) and unpacked on the other rank."""
         data = pack(obj) if self.rank == src else b""
-        (size,) = self.broadcast_ints([len(data)], length=1, src=src, what=f"{what} (size)")
+        (size,) = self.broadcast_numbers([len(data)], length=1, src=src, what=f"{what} (size)")
         payload = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device) if self.rank == src
                    else torch.empty(size, dtype=torch.uint8, device=self.device))
         dist.broadcast(payload, src=src)

@@ -298,12 +298,15 @@ def two_rank_results() -> dict[tuple[str, int], dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["none", "poweriter", "convinsert", "wire", "poweriter+wire"])
 def test_two_rank_training_step_sends_the_analytic_bytes(two_rank_results, name):
-    """Split training with each codec runs on two ranks, and both ranks meter exactly the analytic bytes."""
+    """Split training with each codec runs on two ranks, both ranks meter exactly the analytic bytes, and only the
+    client holds a loss: the server has no metric at all."""
     for rank in (0, 1):
         r = two_rank_results[(name, rank)]
         assert r["bytes"] == r["expected"], r
         assert set(r["bytes"]) == {"up.activation", "up.gradient", "down.activation", "down.gradient"}
-        assert math.isfinite(r["loss"]) and math.isfinite(r["val_loss"])
+    client, server = two_rank_results[(name, 0)], two_rank_results[(name, 1)]
+    assert math.isfinite(client["loss"]) and math.isfinite(client["val_loss"])
+    assert server["metric_names"] == []
     if name != "none":
         assert sum(two_rank_results[(name, 0)]["bytes"].values()) < sum(two_rank_results[("none", 0)]["bytes"].values())
 

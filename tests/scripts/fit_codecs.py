@@ -125,7 +125,8 @@ def main() -> None:
         expected = {k: TRAIN_BATCHES * step[k] + VAL_BATCHES * val[k] for k in measured}
         result = {"name": name, "rank": trainer.global_rank, "bytes": measured, "expected": expected,
                   "loss": float(trainer.callback_metrics.get("train_loss", float("nan"))),
-                  "val_loss": float(trainer.callback_metrics.get("val_loss", float("nan")))}
+                  "val_loss": float(trainer.callback_metrics.get("val_loss", float("nan"))),
+                  "metric_names": sorted(trainer.callback_metrics)}
         if calibrate:
             if trainer.global_rank == 0:
                 result["calibrated"] = callbacks[0].sent
