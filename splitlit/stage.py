@@ -265,8 +265,9 @@ def _meta_from_plain(plain: dict[str, Any]) -> Any:
         dtype = getattr(torch, m["dtype"], None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"The peer described a tensor of dtype {m['dtype']!r}, which is not a torch dtype.")
-        metas.append(_TensorMeta(shape=torch.Size(int(d) for d in m["shape"]), stride=tuple(int(d) for d in m["stride"]),
-                                 dtype=dtype, requires_grad=bool(m["requires_grad"])))
+        metas.append(_TensorMeta(shape=torch.Size(int(d) for d in m["shape"]),
+                                 stride=tuple(int(d) for d in m["stride"]), dtype=dtype,
+                                 requires_grad=bool(m["requires_grad"])))
     if plain["kind"] == "forward":
         return _StageForwardMeta(forward_metas=tuple(metas))
     return _StageBackwardMeta(backward_metas=tuple(metas))

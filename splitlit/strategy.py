@@ -586,15 +586,21 @@ class _ServerBatches:
 
 
 def _keep_data_off_server(trainer: Trainer) -> None:
-    """The server never prepares, sets up or loads data: the datamodule's data hooks become no-ops there."""
+    """The server never prepares, sets up or loads data: the data hooks of the datamodule and of the
+    LightningModule become no-ops there (loaders passed to ``fit`` are never iterated: see process_dataloader)."""
+    loaders = ("train_dataloader", "val_dataloader", "test_dataloader", "predict_dataloader")
+    # Replace only what the class overrides, so Lightning's is_overridden() answers the same on both ranks.
+    module = trainer.lightning_module
+    for hook in loaders:
+        if module is not None and is_overridden(hook, module):
+            setattr(module, hook, lambda: _ServerBatches(0))
     dm = trainer.datamodule
     if dm is None:
         return
-    # Replace only what the class overrides, so Lightning's is_overridden() answers the same on both ranks.
     for hook in ("prepare_data", "setup", "teardown"):
         if is_overridden(hook, dm):
             setattr(dm, hook, lambda *a, **k: None)
-    for hook in ("train_dataloader", "val_dataloader", "test_dataloader", "predict_dataloader"):
+    for hook in loaders:
         if is_overridden(hook, dm):
             setattr(dm, hook, lambda: _ServerBatches(0))
 

@@ -95,7 +95,8 @@ def test_both_ranks_check_each_other(server_secret, fails):
         except PeerAuthError as err:
             errors[r] = err
 
-    threads = [threading.Thread(target=rank, args=(0, b"s" * 32)), threading.Thread(target=rank, args=(1, server_secret))]
+    threads = [threading.Thread(target=rank, args=(0, b"s" * 32)),
+               threading.Thread(target=rank, args=(1, server_secret))]
     for t in threads:
         t.start()
     for t in threads:

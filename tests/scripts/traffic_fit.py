@@ -36,7 +36,8 @@ BATCH, TRAIN_BATCHES, VAL_BATCHES = 8, 6, 2
 
 def _book(fn: str, tensors: list[torch.Tensor]) -> None:
     for t in tensors:
-        RECEIVED.append({"fn": fn, "shape": list(t.shape), "dtype": str(t.dtype), "nbytes": t.numel() * t.element_size()})
+        RECEIVED.append({"fn": fn, "shape": list(t.shape), "dtype": str(t.dtype),
+                         "nbytes": t.numel() * t.element_size()})
 
 
 def _wrap(name: str, received) -> None:
