@@ -10,7 +10,10 @@ Unless the command line or a preset says otherwise, every run gets:
   every hyperparameter of the CLI, the split, the codecs, the chunks, the order and the link; its group is
   the experiment (or ``--run.group``), its tags say the codec, the chunks and the preset;
 - the measurement callbacks :class:`~callbacks.LinkTrafficMonitor`, :class:`~callbacks.PipelineTimingMonitor`
-  and :class:`~callbacks.BestMetric` (``--run.monitor``), each unless one of its class is configured already.
+  and :class:`~callbacks.BestMetric` (``--run.monitor``), each unless one of its class is configured already;
+- periodic checkpoints: ``checkpoints/last.ckpt`` every ``--run.checkpoint_minutes`` (10) of training and at
+  each epoch end, unless a ``ModelCheckpoint`` is configured or checkpointing is off. A run that fails or is
+  killed resumes from it with ``--ckpt_path last``.
 
 ``--trainer.logger false`` turns the loggers (and so the run folder) off; explicit ``--trainer.logger``
 classes replace them. The link settings come from ``--run.link`` or the ``SPLITLIT_LINK_JSON`` environment
@@ -28,10 +31,12 @@ import secrets
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from typing_extensions import override
@@ -62,6 +67,8 @@ class RunSettings:
         codec: the compression's name in tables and tags; default derived from the model's codecs and the wire.
         link: the emulated link's settings, recorded in the run config; default from ``SPLITLIT_LINK_JSON``.
         monitor: validation metrics whose best epoch and value :class:`~callbacks.BestMetric` tracks.
+        checkpoint_minutes: minutes of training between two writes of ``last.ckpt`` (also written at each
+            epoch end); ``null`` for Lightning's default (each epoch end only).
     """
 
     name: str | None = None
@@ -72,6 +79,7 @@ class RunSettings:
     codec: str | None = None
     link: dict[str, Any] | None = None
     monitor: list[str] = field(default_factory=lambda: ["val/mcc", "val/acc"])
+    checkpoint_minutes: float | None = 10.0
 
 
 class SplitCLI(LightningCLI):
@@ -92,6 +100,9 @@ class SplitCLI(LightningCLI):
         settings = RunSettings(**_plain(self._get(self.config_init, "run", default={})))
         if settings.wandb not in _WANDB_MODES:
             raise ValueError(f"--run.wandb {settings.wandb!r}: choose one of {_WANDB_MODES}.")
+        if settings.checkpoint_minutes is not None and settings.checkpoint_minutes <= 0:
+            raise ValueError(f"--run.checkpoint_minutes {settings.checkpoint_minutes!r}: give the minutes between "
+                             f"two checkpoints (e.g. 10), or null for one at each epoch end only.")
         # 1. What the run is: the values every logger and table needs, decided once here.
         self.run_config = self._describe_run(settings, config)
         # 2. Loggers, unless the user chose them (explicit classes) or turned them off (false).
@@ -101,6 +112,12 @@ class SplitCLI(LightningCLI):
         callbacks = list(kwargs.pop("callbacks", None) or config.get("callbacks") or [])
         defaults = [LinkTrafficMonitor(), PipelineTimingMonitor(), BestMetric(monitor=settings.monitor)]
         callbacks += [cb for cb in defaults if not any(type(c) is type(cb) for c in callbacks)]
+        if (settings.checkpoint_minutes is not None and config.get("enable_checkpointing") is not False
+                and not any(isinstance(c, ModelCheckpoint) for c in callbacks)):
+            # One every N minutes of training, one at each epoch end; both write last.ckpt.
+            callbacks += [ModelCheckpoint(save_last=True, save_top_k=0,
+                                          train_time_interval=timedelta(minutes=settings.checkpoint_minutes)),
+                          ModelCheckpoint(save_last=True)]
         callbacks.append(_SaveRunConfig(self.run_config))
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 

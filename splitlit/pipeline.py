@@ -50,12 +50,19 @@ def microbatch_count(batch_size: int, chunks: int) -> int:
     return max(d for d in range(1, min(chunks, batch_size) + 1) if batch_size % d == 0)
 
 
+# What gloo and the c10d store say when the other end is gone or silent. Matched on the transport's own words,
+# never on a word like "peer" or "gloo" alone: a genuine error in a stage must surface as itself.
+_TRANSPORT_FAILURES = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out",
+                       "socket timeout", "connection refused", "gloo/transport")
+
+
 def _is_link_failure(err: BaseException) -> bool:
+    if getattr(err, "splitlit_stage", None) is not None:
+        return False  # raised by a stage's own computation (see MeteredStage): the user's error, not the link's
     if isinstance(err, dist.DistError):
         return True
     text = str(err).lower()
-    return any(s in text for s in ("connection closed", "connection reset", "timed out", "timeout",
-                                   "broken pipe", "gloo", "socket", "peer"))
+    return any(s in text for s in _TRANSPORT_FAILURES)
 
 
 class _DeviceBridge(torch.nn.Module):
@@ -222,8 +229,8 @@ def link_errors(what: str, *, rank: int, timeout: float) -> Iterator[None]:
         peer = "server (rank 1)" if rank == CLIENT else "client (rank 0)"
         raise PeerLostError(
             f"The {peer} stopped answering during {what}: {exc}\n"
-            f"Either it died, or a step took longer than the timeout of {timeout:g} s. Restart both ranks and "
-            f"resume from the last checkpoint (fit(ckpt_path='last') or --ckpt_path last); if the link is just "
-            f"slow, raise SplitPipelineStrategy(timeout=...) (--trainer.strategy.init_args.timeout on the "
-            f"command line)."
+            f"Either it died (its own output says why), or a step took longer than the timeout of {timeout:g} s. "
+            f"Restart both ranks and resume from the last checkpoint (fit(ckpt_path='last') or --ckpt_path last); "
+            f"if the link is just slow, raise SplitPipelineStrategy(timeout=...) "
+            f"(--trainer.strategy.init_args.timeout on the command line)."
         ) from exc

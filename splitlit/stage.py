@@ -183,6 +183,13 @@ class MeteredStage(PipelineStage):
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
+        except Exception as err:
+            if getattr(err, "splitlit_stage", None) is None:  # the innermost stage names itself once
+                part = ("head", "body", "tail")[self.stage_index] if self.num_stages == 3 else str(self.stage_index)
+                err.splitlit_stage = self.stage_index  # type: ignore[attr-defined]
+                err.add_note(f"raised by the {part} (pipeline stage {self.stage_index}) in its {what} of "
+                             f"micro-batch {mb} on rank {dist.get_rank() if dist.is_initialized() else 0}")
+            raise
         finally:
             if self.meter.enabled:
                 self.meter.computes.append(Compute(what, self.stage_index, mb, start, time.perf_counter()))

@@ -42,7 +42,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from typing_extensions import override
 
-from splitlit.pipeline import CLIENT, SERVER, SplitPipeline, link_errors
+from splitlit.pipeline import CLIENT, SERVER, PeerLostError, SplitPipeline, link_errors
 from splitlit.schedule import ORDERS
 from splitlit.split import Split, SplitError
 from splitlit.stage import LinkMeter
@@ -62,6 +62,8 @@ class SplitPipelineStrategy(DDPStrategy):
             a shorter last batch runs with the largest divisor of its size.
         order: ``"1f1b"`` (default, less memory) or ``"gpipe"`` (fill-drain).
         timeout: seconds either rank waits for the other before failing with a clear error.
+        setup_timeout: seconds the server waits for the client's setup, where the client may work alone for
+            minutes (codec calibration); a client that dies meanwhile still ends the wait at once.
         wire: wire codecs applied by the transport, per cut and direction, e.g.
             ``{"up.activation": "int8", "down.gradient": "fp16"}`` (see :mod:`splitlit.wire`); the model is
             untouched and the link meter records the encoded bytes.
@@ -79,7 +81,8 @@ class SplitPipelineStrategy(DDPStrategy):
 
     def __init__(self, chunks: int = 1, order: str = "1f1b", timeout: float = 300.0,
                  process_group_backend: str | None = "gloo",
-                 wire: dict[str, str | dict[str, Any]] | None = None, **kwargs: Any) -> None:
+                 wire: dict[str, str | dict[str, Any]] | None = None, setup_timeout: float = 3600.0,
+                 **kwargs: Any) -> None:
         if not isinstance(chunks, int) or chunks < 1:
             raise ValueError(f"SplitPipelineStrategy(chunks={chunks!r}): chunks must be a positive integer "
                              f"(micro-batches per batch), e.g. 1, 4 or 8.")
@@ -88,12 +91,16 @@ class SplitPipelineStrategy(DDPStrategy):
         if not timeout or timeout <= 0:
             raise ValueError(f"SplitPipelineStrategy(timeout={timeout!r}): give the seconds a rank waits for "
                              f"the other, e.g. 300.")
+        if not setup_timeout or setup_timeout <= 0:
+            raise ValueError(f"SplitPipelineStrategy(setup_timeout={setup_timeout!r}): give the seconds the server "
+                             f"waits for the client's setup (codec calibration), e.g. 3600.")
         self.wire = WirePlan.parse(wire)  # checked here: a bad key or codec name fails before any process starts
         super().__init__(process_group_backend=process_group_backend, timeout=timedelta(seconds=timeout),
                          **kwargs)
         self.chunks = chunks
         self.order = order
         self.timeout_s = float(timeout)
+        self.setup_timeout_s = float(setup_timeout)
         self.meter = LinkMeter()
         self.ledger = Ledger()  # what this rank received outside the pipeline, by name
         self._channel: Channel | None = None
@@ -372,10 +379,17 @@ class SplitPipelineStrategy(DDPStrategy):
         return bool(value)
 
     @override
-    def barrier(self, *args: Any, **kwargs: Any) -> None:
+    def barrier(self, name: str | None = None, *args: Any, **kwargs: Any) -> None:
         if self._protocol:
             return  # inside a client-led hook only the client touches files: nothing to wait for
-        super().barrier(*args, **kwargs)
+        if name == "post_setup" and dist.is_initialized() and dist.get_backend() == "gloo":
+            # The client may work alone in setup (codec calibration: minutes at 224 px). The server waits for it
+            # knowingly, up to setup_timeout; a client that dies meanwhile still ends the wait at once.
+            with link_errors("set-up (waiting for the client's setup, e.g. codec calibration)",
+                             rank=self.global_rank, timeout=self.setup_timeout_s):
+                dist.monitored_barrier(timeout=timedelta(seconds=self.setup_timeout_s))
+            return
+        super().barrier(name, *args, **kwargs)
 
     def _announce(self, op: int, arg: int = 0) -> None:
         """Inside a client-led hook, tell the following server which collective comes next."""
@@ -467,6 +481,30 @@ class SplitPipelineStrategy(DDPStrategy):
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
             optimizer.load_state_dict(_rank_state(state, self.global_rank, "this checkpoint"))
+
+    # -- failures -----------------------------------------------------------------------------------------------
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        if isinstance(exception, PeerLostError):
+            exception.add_note(self._resume_advice())
+        super().on_exception(exception)
+
+    def _resume_advice(self) -> str:
+        """Which checkpoint a restart can resume from, or that none exists and how to get one next time."""
+        if not self.is_client:
+            return ("The client holds the checkpoints: restart both ranks with the same --ckpt_path (e.g. last); "
+                    "the server reads nothing itself.")
+        trainer = self.lightning_module.trainer
+        paths = {getattr(cb, attr, "") for cb in trainer.checkpoint_callbacks
+                 for attr in ("last_model_path", "_last_checkpoint_saved", "best_model_path")}
+        existing = [p for p in paths if p and os.path.isfile(p)]
+        if existing:
+            newest = max(existing, key=os.path.getmtime)
+            return (f"Newest checkpoint: {newest}. Restart both ranks with --ckpt_path last (or --ckpt_path "
+                    f"{newest}; fit(ckpt_path=...) in Python).")
+        return ("No checkpoint has been written in this run, so a restart begins from the start. Turn periodic "
+                "checkpoints on: the experiments' --run.checkpoint_minutes N, or in Python "
+                "ModelCheckpoint(train_time_interval=timedelta(minutes=N), save_last=True).")
 
     # -- teardown -----------------------------------------------------------------------------------------------
     @override

@@ -122,3 +122,20 @@ def test_slice_batch_cuts_every_batch_sized_entry():
     mb = _slice_batch(batch, 1, 3, 4)
     assert torch.equal(mb["x"], torch.tensor([[2, 3], [4, 5]]))
     assert torch.equal(mb["y"], torch.tensor([1, 2])) and mb["names"] == ["b", "c"] and mb["k"] == 3
+
+
+def test_link_failures_are_told_from_genuine_errors():
+    """The transport's own words mark a lost peer; a stage's error, or one that merely says "peer", does not."""
+    from splitlit.pipeline import _is_link_failure
+
+    assert _is_link_failure(RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]"))
+    assert _is_link_failure(RuntimeError("Socket Timeout"))
+    assert not _is_link_failure(RuntimeError("nothing received from the peer may be unpickled"))
+    staged = RuntimeError("Connection closed by peer")  # even so: raised inside a stage's computation
+    staged.splitlit_stage = 1
+    assert not _is_link_failure(staged)
+
+
+def test_setup_timeout_must_be_positive():
+    with pytest.raises(ValueError, match=r"setup_timeout=0.*seconds the server waits for the client's setup"):
+        SplitPipelineStrategy(setup_timeout=0)

@@ -92,6 +92,22 @@ def test_a_dead_peer_stops_the_other_rank(tmp_path, dead, survivor, peer):
     assert results[survivor].returncode != 0
     assert f"The {peer} (rank {dead}) stopped answering" in results[survivor].output, results[survivor].output[-3000:]
     assert "resume from the last checkpoint" in results[survivor].output
+    # What there is to resume from: the client knows (none in this run); the server says where to look.
+    advice = "No checkpoint has been written in this run" if survivor == 0 else "The client holds the checkpoints"
+    assert advice in results[survivor].output
+
+
+def test_a_genuine_error_in_a_stage_is_reported_as_itself(tmp_path):
+    """A bug in the server's body surfaces there as that exception, naming the stage and rank, not as a lost
+    peer; the client, whose peer did die, says so."""
+    cmd = [str(TOY), "--out", str(tmp_path), "--two-hosts", "--steps", "4", "--timeout", "15", "--fail-call", "3"]
+    client, server = run_two_hosts(cmd, cmd, timeout=150)
+    assert server.returncode != 0 and client.returncode != 0
+    assert "ValueError: a bug in the body (raised on purpose)" in server.output, server.output[-3000:]
+    assert "raised by the body (pipeline stage 1) in its forward" in server.output
+    assert "on rank 1" in server.output
+    assert "PeerLostError" not in server.output
+    assert "The server (rank 1) stopped answering" in client.output
 
 
 def _cifar_args(root: Path, probe: Path, data_dir: Path = SHARED_DATA / "cifar10") -> list[str]:

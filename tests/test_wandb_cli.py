@@ -115,3 +115,18 @@ def test_logger_false_turns_the_loggers_off(base_config, tmp_path):
     assert {"LinkTrafficMonitor", "PipelineTimingMonitor", "BestMetric"} <= {
         type(cb).__name__ for cb in result.trainer.callbacks}
     assert not root.exists() or not any(root.rglob("run.json"))
+
+
+def test_periodic_checkpoints_by_default(base_config, tmp_path):
+    """Every run writes last.ckpt every --run.checkpoint_minutes and at each epoch end, unless told otherwise."""
+    root = tmp_path / "runs"
+    result = run(base_config, "--trainer.default_root_dir", str(root), "--run.wandb", "disabled",
+                 "--run.name", "ck", "--run.checkpoint_minutes", "0.5")
+    periodic = [cb for cb in result.trainer.checkpoint_callbacks if cb._train_time_interval is not None]
+    assert len(periodic) == 1 and periodic[0]._train_time_interval.total_seconds() == 30 and periodic[0].save_last
+    assert (root / "ck" / "checkpoints" / "last.ckpt").is_file()  # the epoch-end one wrote it
+
+
+def test_checkpoint_minutes_must_be_positive(base_config, tmp_path):
+    with pytest.raises(ValueError, match=r"--run.checkpoint_minutes -1.0: give the minutes between two checkpoints"):
+        run(base_config, "--trainer.default_root_dir", str(tmp_path), "--run.checkpoint_minutes", "-1")

@@ -90,6 +90,20 @@ class KillAt(L.Callback):
             os._exit(3)
 
 
+class FailingBody(nn.Module):
+    """The toy's body, raising a genuine error (not a link failure) in the forward of call ``at``."""
+
+    def __init__(self, body: nn.Module, at: int) -> None:
+        super().__init__()
+        self.body, self.at, self.calls = body, at, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.at:
+            raise ValueError("a bug in the body (raised on purpose)")
+        return self.body(x)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, required=True)
@@ -108,10 +122,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--kill-rank", type=int, default=None)
     p.add_argument("--kill-step", type=int, default=2)
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--fail-call", type=int, default=None, help="the body raises ValueError at this forward call")
     args = p.parse_args(argv)
 
     L.seed_everything(0, verbose=False)
     model = Toy(broken=args.broken, split_hook=not args.no_split_hook)
+    if args.fail_call is not None:
+        model.body = FailingBody(model.body, args.fail_call)
     train, valid = data(args.batch_size)
     callbacks = [KillAt(args.kill_rank, args.kill_step)] if args.kill_rank is not None else []
     if args.unsplit:
