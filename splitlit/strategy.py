@@ -24,6 +24,7 @@ import functools
 import itertools
 import logging
 import os
+import random
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -43,6 +44,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from splitlit.pipeline import CLIENT, SERVER, PeerLostError, SplitPipeline, link_errors
+from splitlit.resume import ResumableLoader, ServerBatches, rank_seed, rng_state, set_rng_state
 from splitlit.schedule import ORDERS
 from splitlit.split import Split, SplitError
 from splitlit.stage import LinkMeter
@@ -146,6 +148,7 @@ class SplitPipelineStrategy(DDPStrategy):
         authenticate(dist.distributed_c10d._get_default_store(), rank=self.global_rank, secret=secret,
                      timeout=self.timeout_s, run_id=str(next(_AUTH_ROUNDS)))  # a fresh round per fit in this job
         log.info("rank %d is the %s", self.global_rank, self.role)
+        _seed_rank_apart(self.global_rank)
         comm = torch.device("cpu") if dist.get_backend() == "gloo" else self.root_device
         self._channel = Channel(self.global_rank, comm, self.ledger)
         trainer = self.lightning_module.trainer
@@ -217,10 +220,17 @@ class SplitPipelineStrategy(DDPStrategy):
         assert self._channel is not None
         length, error = self._describe_loader(dataloader) if self.is_client else (0, None)
         length, failed = self._channel.broadcast_numbers([length, int(error is not None)] if self.is_client else None,
-                                                      length=2, src=CLIENT, what="loader length")
+                                                         length=2, src=CLIENT, what="loader length")
         if failed:
             raise MisconfigurationException(error or "The client rejected its data loader; its error says why.")
-        return dataloader if self.is_client else _ServerBatches(length)
+        if self.lightning_module.trainer.state.stage != RunningStage.TRAINING:
+            return dataloader if self.is_client else ServerBatches(length)
+        # Training loaders resume mid-epoch exactly: position and random state on each rank (splitlit.resume).
+        progress = self._batches_done
+        return ResumableLoader(dataloader, progress) if self.is_client else ServerBatches(length, progress)
+
+    def _batches_done(self) -> int:
+        return self.lightning_module.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def _describe_loader(self, dataloader: object) -> tuple[int, str | None]:
         try:
@@ -427,6 +437,7 @@ class SplitPipelineStrategy(DDPStrategy):
         """The server sends the client its share; the client merges it and writes the file."""
         assert self._channel is not None
         self._announce(_SAVE, int(_is_weights_only(checkpoint)))
+        checkpoint[_RNG_KEY] = rng_state()  # each rank's own random state, restored on resume
         with link_errors("checkpointing (the server's share)", rank=self.global_rank, timeout=self.timeout_s):
             if not self.is_client:
                 self._channel.send({k: checkpoint[k] for k in _SERVER_SHARE if k in checkpoint}, dst=CLIENT)
@@ -449,7 +460,10 @@ class SplitPipelineStrategy(DDPStrategy):
             share = self._server_share(checkpoint, checkpoint_path)
         with link_errors("resuming (sending the server its share)", rank=self.global_rank, timeout=self.timeout_s):
             share = self._channel.broadcast(share, src=CLIENT, what="server checkpoint share")
-        return checkpoint if self.is_client else share
+        own = checkpoint if self.is_client else share
+        if _RNG_KEY in own:  # a checkpoint at an epoch's end; mid-epoch, the loaders restore it (splitlit.resume)
+            set_rng_state(own[_RNG_KEY])
+        return own
 
     def _server_share(self, checkpoint: dict[str, Any], path: Any) -> dict[str, Any]:
         server_keys = [k for k, v in self.lightning_module.state_dict().items() if v.is_meta]
@@ -528,8 +542,9 @@ _AUTH_ROUNDS = itertools.count()
 _DONE, _SAVE, _DECIDE, _BROADCAST = 0, 1, 2, 3
 _LED_HOOKS = ("on_train_batch_end", "on_train_epoch_end", "on_validation_end", "on_train_end")
 _SERVER_KEY = "split_server"  # the server's loops, schedulers and precision state in the client's file
+_RNG_KEY = "split_rng"
 _SERVER_SHARE = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "epoch", "global_step",
-                 "pytorch-lightning_version", "MixedPrecision")
+                 "pytorch-lightning_version", "MixedPrecision", _RNG_KEY)
 
 
 def _lead_or_follow(callback: Callback, strategy: SplitPipelineStrategy) -> None:
@@ -575,6 +590,27 @@ def _led_hook(hook: Callable, strategy: SplitPipelineStrategy, trainer: Trainer,
         strategy._protocol = False
 
 
+def _seed_rank_apart(rank: int) -> None:
+    """In a seeded run, the server draws its own random stream (its dropout), derived from the run's seed.
+
+    Both ranks start from the same seed; left alike, the server's dropout masks would repeat the client's draws
+    (as torchtitan does, each pipeline rank is seeded apart). The client keeps the run's stream, so its data
+    order and augmentation are those of the unsplit run.
+    """
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    if rank == CLIENT or seed is None:
+        return
+    derived = rank_seed(int(seed), rank)
+    torch.manual_seed(derived)
+    random.seed(derived)
+    try:
+        import numpy as np
+
+        np.random.seed(derived)
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def _follow_client_resume(trainer: Trainer, strategy: SplitPipelineStrategy) -> None:
     """Only the client resolves and reads ``ckpt_path``; the server resumes exactly when the client does."""
     connector = trainer._checkpoint_connector
@@ -610,19 +646,6 @@ def _check_share(weights: Mapping[str, Any], expected: list[str], what: str) -> 
                        f"the same model and split.")
 
 
-class _ServerBatches:
-    """What the server's loops iterate: as many placeholder steps as the client has batches, and no data."""
-
-    def __init__(self, length: int) -> None:
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.length))
-
-
 def _keep_data_off_server(trainer: Trainer) -> None:
     """The server never prepares, sets up or loads data: the data hooks of the datamodule and of the
     LightningModule become no-ops there (loaders passed to ``fit`` are never iterated: see process_dataloader)."""
@@ -631,7 +654,7 @@ def _keep_data_off_server(trainer: Trainer) -> None:
     module = trainer.lightning_module
     for hook in loaders:
         if module is not None and is_overridden(hook, module):
-            setattr(module, hook, lambda: _ServerBatches(0))
+            setattr(module, hook, lambda: ServerBatches(0))
     dm = trainer.datamodule
     if dm is None:
         return
@@ -640,7 +663,7 @@ def _keep_data_off_server(trainer: Trainer) -> None:
             setattr(dm, hook, lambda *a, **k: None)
     for hook in loaders:
         if is_overridden(hook, dm):
-            setattr(dm, hook, lambda: _ServerBatches(0))
+            setattr(dm, hook, lambda: ServerBatches(0))
 
 
 def _split_of(module: LightningModule) -> Split:

@@ -170,3 +170,24 @@ def test_torchrun_launch_trains_the_same(tmp_path):
     ref = _reference(str(tmp_path), ("--steps", "2"))
     for rank in (0, 1):
         assert _max_diff(ref["state"], torch.load(tmp_path / "split" / f"rank{rank}.pt")["state"]) <= 1e-5
+
+
+RESUME_TOY = REPO / "tests" / "scripts" / "resume_toy.py"
+
+
+def test_resume_mid_epoch_equals_the_uninterrupted_run(tmp_path):
+    """Resumed from a checkpoint mid-epoch (with a batch fetched ahead) or at an epoch's end, the run ends with the
+    uninterrupted run's weights on both ranks, exactly: shuffled data, dropout on both ranks, momentum and an LR
+    schedule included."""
+    full = run_fit_script(RESUME_TOY, ["--out", str(tmp_path / "full")], timeout=180)
+    assert full.returncode == 0, full.output
+    for step in (6, 12):  # mid-epoch (12 batches an epoch), then an epoch's end
+        out = tmp_path / f"from{step}"
+        ckpt = tmp_path / "full" / "ckpt" / f"epoch=0-step={step}.ckpt"
+        resumed = run_fit_script(RESUME_TOY, ["--out", str(out), "--ckpt-path", str(ckpt)], timeout=180)
+        assert resumed.returncode == 0, resumed.output
+        for rank in (0, 1):
+            a, b = (torch.load(d / f"final.rank{rank}.pt") for d in (tmp_path / "full", out))
+            assert a["global_step"] == b["global_step"] == 24 and a["lr"] == b["lr"]
+            for name, value in a["state"].items():
+                torch.testing.assert_close(b["state"][name], value, rtol=0, atol=1e-6, msg=f"{step}: {name}")
