@@ -24,6 +24,7 @@ import functools
 import itertools
 import logging
 import os
+import pickle
 import random
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -454,16 +455,35 @@ class SplitPipelineStrategy(DDPStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """The client reads the file and sends the server its share: the server may be another machine."""
         assert self._channel is not None
-        share = None
+        share, error = None, None
         if self.is_client:
-            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=True)
-            share = self._server_share(checkpoint, checkpoint_path)
+            try:
+                checkpoint = self._read_checkpoint(checkpoint_path)
+                share = self._server_share(checkpoint, checkpoint_path)
+            except (OSError, KeyError, ValueError, RuntimeError) as err:
+                error = err
+                share = {"error": f"the client could not resume from its checkpoint: {err}"}
         with link_errors("resuming (sending the server its share)", rank=self.global_rank, timeout=self.timeout_s):
             share = self._channel.broadcast(share, src=CLIENT, what="server checkpoint share")
+        if error is not None:
+            raise error
+        if "error" in share:
+            raise RuntimeError(share["error"])
         own = checkpoint if self.is_client else share
         if _RNG_KEY in own:  # a checkpoint at an epoch's end; mid-epoch, the loaders restore it (splitlit.resume)
             set_rng_state(own[_RNG_KEY])
         return own
+
+    def _read_checkpoint(self, path: Any) -> dict[str, Any]:
+        if not os.path.isfile(str(path)) and "://" not in str(path):
+            raise FileNotFoundError(f"The checkpoint {path} does not exist. Give --ckpt_path an existing file, or "
+                                    f"--ckpt_path last to resume from this run's newest checkpoint.")
+        try:
+            return super().load_checkpoint(path, weights_only=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+            raise ValueError(f"The checkpoint {path} cannot be read ({type(err).__name__}: {str(err)[:200]}): it is "
+                             f"truncated, or not a checkpoint written by this project. Resume from an earlier "
+                             f"checkpoint in the same folder.") from err
 
     def _server_share(self, checkpoint: dict[str, Any], path: Any) -> dict[str, Any]:
         server_keys = [k for k, v in self.lightning_module.state_dict().items() if v.is_meta]

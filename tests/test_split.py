@@ -139,3 +139,15 @@ def test_link_failures_are_told_from_genuine_errors():
 def test_setup_timeout_must_be_positive():
     with pytest.raises(ValueError, match=r"setup_timeout=0.*seconds the server waits for the client's setup"):
         SplitPipelineStrategy(setup_timeout=0)
+
+
+def test_a_missing_or_truncated_checkpoint_is_named_with_the_fix(tmp_path):
+    strategy = SplitPipelineStrategy()
+    with pytest.raises(FileNotFoundError, match=r"missing.ckpt does not exist. Give --ckpt_path an existing file"):
+        strategy._read_checkpoint(tmp_path / "missing.ckpt")
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "epoch": 0}, whole)
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(whole.read_bytes()[:2000])
+    with pytest.raises(ValueError, match=r"cut.ckpt cannot be read .* truncated"):
+        strategy._read_checkpoint(cut)

@@ -191,3 +191,15 @@ def test_resume_mid_epoch_equals_the_uninterrupted_run(tmp_path):
             assert a["global_step"] == b["global_step"] == 24 and a["lr"] == b["lr"]
             for name, value in a["state"].items():
                 torch.testing.assert_close(b["state"][name], value, rtol=0, atol=1e-6, msg=f"{step}: {name}")
+
+
+def test_a_checkpoint_of_another_model_stops_both_ranks_clearly(tmp_path):
+    """The client names the file and the missing tensors; the server stops too instead of waiting for its share."""
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"encoder.weight": torch.zeros(2)}, "epoch": 0, "global_step": 0,
+                "pytorch-lightning_version": "2.6.0"}, other)
+    result = run_fit_script(RESUME_TOY, ["--out", str(tmp_path), "--ckpt-path", str(other)], timeout=120)
+    assert result.returncode != 0
+    assert re.search(r"KeyError: .*other.ckpt lacks \d+ of the server's tensors.*written for another model",
+                     result.output), result.output[-3000:]
+    assert "[rank1]: RuntimeError: the client could not resume from its checkpoint" in result.output
