@@ -534,8 +534,8 @@ class SplitPipelineStrategy(DDPStrategy):
         existing = [p for p in paths if p and os.path.isfile(p)]
         if existing:
             newest = max(existing, key=os.path.getmtime)
-            return (f"Newest checkpoint: {newest}. Restart both ranks with --ckpt_path last (or --ckpt_path "
-                    f"{newest}; fit(ckpt_path=...) in Python).")
+            return (f"Newest checkpoint: {newest}. Restart both ranks with --ckpt_path {newest} (fit(ckpt_path=...) "
+                    f"in Python), or with --ckpt_path last and the same --run.name.")
         return ("No checkpoint has been written in this run, so a restart begins from the start. Turn periodic "
                 "checkpoints on: the experiments' --run.checkpoint_minutes N, or in Python "
                 "ModelCheckpoint(train_time_interval=timedelta(minutes=N), save_last=True).")

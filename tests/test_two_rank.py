@@ -150,12 +150,19 @@ def test_mobilenet_two_hosts_checkpoint_and_resume(tmp_path):
     metrics = pd.read_csv(next((tmp_path / "run").rglob("metrics.csv")))
     assert correct / 70 == pytest.approx(metrics["val/acc"].dropna().iloc[-1], abs=1e-6)
 
-    # Resume on two ranks (this time Lightning's own launcher): each rank starts from the checkpoint's weights.
-    args = _cifar_args(tmp_path / "run", tmp_path / "probe2") + ["--ckpt_path", str(ckpt),
-                                                                 "--trainer.max_epochs", "2"]
-    result = run_fit_script(args[0], args[1:], timeout=300)
-    assert result.returncode == 0, result.output[-4000:]
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    # Resume on two hosts with --ckpt_path last: only the client finds and reads the file (the server's folder
+    # is empty, as on another machine) and tells the server to resume; each rank starts from the checkpoint.
+    ckpt = next((tmp_path / "run").rglob("last.ckpt"))
+    run_name = ckpt.parent.parent.name
+    resume = ["--ckpt_path", "last", "--trainer.max_epochs", "2", "--run.name", run_name]
+    client_cmd = _cifar_args(tmp_path / "run", tmp_path / "probe2") + resume + ["--trainer.num_nodes", "2",
+                                                                                 "--trainer.devices", "1"]
+    server_cmd = _cifar_args(tmp_path / "elsewhere", tmp_path / "probe2", tmp_path / "no-such-data") + resume + [
+        "--trainer.num_nodes", "2", "--trainer.devices", "1"]
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]  # before the resume rewrites it
+    client, server = run_two_hosts(client_cmd, server_cmd, timeout=300)
+    assert client.returncode == 0, client.output[-4000:]
+    assert server.returncode == 0, server.output[-4000:]
     for rank in (0, 1):
         start = torch.load(tmp_path / "probe2" / f"rank{rank}_start.pt")
         assert start and all(torch.equal(v, state[k]) for k, v in start.items())
