@@ -154,7 +154,7 @@ class SplitPipeline:
         header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=self.comm_device)
         if self.is_client:
             header.copy_(self._encode_header(kind, inputs).to(self.comm_device))
-        with self._link_errors("the step header"):
+        with self._link_errors(f"the header of a {_KINDS[kind]} step"):
             dist.broadcast(header, src=CLIENT)
         if not self.is_client:
             self.ledger.book("header", header.numel() * header.element_size())

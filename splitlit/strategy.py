@@ -108,6 +108,7 @@ class SplitPipelineStrategy(DDPStrategy):
         self.ledger = Ledger()  # what this rank received outside the pipeline, by name
         self._channel: Channel | None = None
         self._protocol = False  # inside a client-led callback hook (see _lead_or_follow)
+        self._in_setup = False  # from setup_environment until the loops start: names the phase in errors
         self.pipeline: SplitPipeline | None = None
         self.split: Split | None = None
         self._owned: list[nn.Parameter] = []
@@ -137,6 +138,7 @@ class SplitPipelineStrategy(DDPStrategy):
 
     @override
     def setup_environment(self) -> None:
+        self._in_setup = True
         secret = resolve_secret(multi_host=self.num_nodes > 1,
                                 local_key=f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}")
         super().setup_environment()
@@ -378,16 +380,31 @@ class SplitPipelineStrategy(DDPStrategy):
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         """Lightning's broadcasts (paths, flags) as tensors, never pickles; inside a client-led hook, announced."""
         assert self._channel is not None
-        self._announce(_BROADCAST)
-        return self._channel.broadcast(obj, src=src, what="decision")
+        with self._link_errors("a broadcast"):
+            self._announce(_BROADCAST)
+            return self._channel.broadcast(obj, src=src, what="decision")
 
     @override
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         assert self._channel is not None
-        self._announce(_DECIDE)
-        (value,) = self._channel.broadcast_numbers([int(bool(decision))] if self.is_client else None, length=1,
-                                                src=CLIENT, what="decision")
+        with self._link_errors("a decision"):
+            self._announce(_DECIDE)
+            (value,) = self._channel.broadcast_numbers([int(bool(decision))] if self.is_client else None, length=1,
+                                                       src=CLIENT, what="decision")
         return bool(value)
+
+    def _link_errors(self, what: str) -> Any:
+        """A lost peer during one of Lightning's collectives, reported with the phase it happened in."""
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        stage = getattr(getattr(trainer, "state", None), "stage", None)
+        phase = {RunningStage.TRAINING: "training", RunningStage.SANITY_CHECKING: "the sanity check",
+                 RunningStage.VALIDATING: "validation", RunningStage.TESTING: "testing",
+                 RunningStage.PREDICTING: "prediction"}.get(stage, "set-up")
+        if self._in_setup:
+            phase = "set-up"
+        if self._protocol:
+            phase = f"{phase}, in a checkpoint or early-stopping decision"
+        return link_errors(f"{what} ({phase})", rank=self.global_rank, timeout=self.timeout_s)
 
     @override
     def barrier(self, name: str | None = None, *args: Any, **kwargs: Any) -> None:
@@ -400,7 +417,8 @@ class SplitPipelineStrategy(DDPStrategy):
                              rank=self.global_rank, timeout=self.setup_timeout_s):
                 dist.monitored_barrier(timeout=timedelta(seconds=self.setup_timeout_s))
             return
-        super().barrier(name, *args, **kwargs)
+        with self._link_errors(f"a barrier ({name})" if name else "a barrier"):
+            super().barrier(name, *args, **kwargs)
 
     def _announce(self, op: int, arg: int = 0) -> None:
         """Inside a client-led hook, tell the following server which collective comes next."""
@@ -515,6 +533,26 @@ class SplitPipelineStrategy(DDPStrategy):
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
             optimizer.load_state_dict(_rank_state(state, self.global_rank, "this checkpoint"))
+
+    @override
+    def on_train_start(self) -> None:
+        self._in_setup = False
+        super().on_train_start()
+
+    @override
+    def on_validation_start(self) -> None:
+        self._in_setup = False
+        super().on_validation_start()
+
+    @override
+    def on_test_start(self) -> None:
+        self._in_setup = False
+        super().on_test_start()
+
+    @override
+    def on_predict_start(self) -> None:
+        self._in_setup = False
+        super().on_predict_start()
 
     # -- failures -----------------------------------------------------------------------------------------------
     @override
