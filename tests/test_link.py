@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from splitlit import link
-from splitlit.link import LinkError, LinkSpec, ShapedLink, parse_delay, parse_rate, with_trainer_args
+from splitlit.link import netns, probe
+from splitlit.link import LINK_ENV, LinkError, LinkSpec, ShapedLink, parse_delay, parse_rate, with_trainer_args
 from tests.twoproc import REPO, SHARED_DATA, Result
 
 CIFAR_WEIGHTS = SHARED_DATA / "weights" / "mobilenet_v2-b0353104.pth"
@@ -51,14 +51,14 @@ def test_without_root_the_error_says_so(monkeypatch):
     """A non-root user is told root (or the capabilities) is needed, and how to run it."""
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(LinkError, match=r"needs root .* running as uid 1000\. Run it with sudo"):
-        link.check_requirements()
+        netns.check_requirements()
 
 
 def test_without_ip_or_tc_the_error_names_them(monkeypatch):
     """Missing iproute2 tools are named, with the package to install."""
-    monkeypatch.setattr(link.shutil, "which", lambda tool: None if tool == "tc" else "/sbin/ip")
+    monkeypatch.setattr(netns.shutil, "which", lambda tool: None if tool == "tc" else "/sbin/ip")
     with pytest.raises(LinkError, match=r"not found on PATH: tc\. Install iproute2"):
-        link.check_requirements()
+        netns.check_requirements()
 
 
 def test_lightning_cli_commands_become_two_node_commands():
@@ -83,11 +83,11 @@ def test_probe_measures_a_stalled_direction_again_and_keeps_the_best(monkeypatch
     measured = {("client", "server"): [11.0, 19.1, 5.0], ("server", "client"): [12.4, 8.0, 15.5]}
     calls = []
 
-    def stream(self, sender, receiver, nbytes, seconds):
+    def stream(link, sender, receiver, nbytes, seconds):
         calls.append((sender, receiver, nbytes))
         return measured[(sender, receiver)].pop(0)
 
-    monkeypatch.setattr(ShapedLink, "_stream", stream)
+    monkeypatch.setattr(probe, "stream_rate", stream)
     shaped = ShapedLink(LinkSpec(bandwidth_bps=20 * 10**6))  # nothing is made before ``with``
     assert shaped.probe(seconds=0.5) == {"up_mbit": 19.1, "down_mbit": 15.5, "bytes": 1_250_000}
     assert calls == [("client", "server", 1_250_000)] * 2 + [("server", "client", 1_250_000)] * 3
@@ -117,7 +117,7 @@ def test_receives_are_posted_before_the_sends_they_would_queue_behind(order):
 # -- slow: the link itself ----------------------------------------------------------------------------------------
 def _namespaces(owner: int | None = None) -> list[str]:
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout.split("\n")
-    prefix = f"{link.NS_PREFIX}{owner}-" if owner is not None else link.NS_PREFIX
+    prefix = f"{netns.NS_PREFIX}{owner}-" if owner is not None else netns.NS_PREFIX
     return [n.split(" ")[0] for n in names if n.startswith(prefix)]
 
 
@@ -126,7 +126,7 @@ def _link_command(args: list[str], *, env: dict[str, str] | None = None):
     """``python -m splitlit.link ARGS`` started in its own session; whatever it leaves behind is removed after."""
     full_env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
                     WANDB_MODE="offline", WANDB_SILENT="true", **(env or {}))
-    for key in ("NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", link.LINK_ENV):
+    for key in ("NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", LINK_ENV):
         full_env.pop(key, None)
     proc = subprocess.Popen([sys.executable, "-m", "splitlit.link", *args], cwd=REPO, env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -137,7 +137,7 @@ def _link_command(args: list[str], *, env: dict[str, str] | None = None):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
         for name in _namespaces(proc.pid):  # only if the command itself failed to clean up
-            link._remove_netns(name)
+            netns.remove_netns(name)
 
 
 def _finish(proc: subprocess.Popen, timeout: float) -> Result:
@@ -212,7 +212,7 @@ def test_cleanup_removes_what_a_killed_run_left():
     """--cleanup removes the namespaces of a run whose process is gone, and only those."""
     gone = subprocess.Popen(["true"])
     gone.wait()
-    stale = f"{link.NS_PREFIX}{gone.pid}-0-client"
+    stale = f"{netns.NS_PREFIX}{gone.pid}-0-client"
     subprocess.run(["ip", "netns", "add", stale], check=True)
     try:
         with _link_command(["--cleanup"]) as proc:
@@ -221,7 +221,7 @@ def test_cleanup_removes_what_a_killed_run_left():
         assert stale not in _namespaces()
     finally:
         if stale in _namespaces():
-            link._remove_netns(stale)
+            netns.remove_netns(stale)
 
 
 @pytest.mark.slow
