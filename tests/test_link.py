@@ -1,14 +1,18 @@
-"""``splitlit.link``: the settings, the shaped link itself, its cleanup, and training over it when things fail.
+"""``splitlit.link``: the settings, the delay line's model (fake clock), the shaped link and the delay line
+themselves, their cleanup, and training over them, also when things fail.
 
-The slow tests need root and iproute2 (as in CI); each runs the link command in a subprocess with a timeout and
-removes the namespaces that command made, even when the test fails.
+The slow tests need root, iproute2 and /dev/net/tun (as in CI); each is bounded in time (a subprocess with a
+timeout, or ``pytest.mark.timeout``) and removes the namespaces it made, even when it fails.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import random
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -18,7 +22,11 @@ from pathlib import Path
 import pytest
 
 from splitlit.link import netns, probe
+from splitlit.link import shaped as shaped_module
 from splitlit.link import LINK_ENV, LinkError, LinkSpec, ShapedLink, parse_delay, parse_rate, with_trainer_args
+from splitlit.link.__main__ import main as link_main
+from splitlit.link.delay import DelayQueue
+from splitlit.link.units import parse_delays, parse_percent, parse_size
 from tests.twoproc import REPO, SHARED_DATA, Result
 
 CIFAR_WEIGHTS = SHARED_DATA / "weights" / "mobilenet_v2-b0353104.pth"
@@ -39,12 +47,110 @@ def test_bad_rates_are_refused(text):
         parse_rate(text)
 
 
-def test_delays_parse_and_bad_ones_are_refused():
-    """--delay takes us, ms or s; anything else says how to write it."""
-    assert parse_delay("20ms") == pytest.approx(0.02)
-    assert parse_delay(None) == 0.0
-    with pytest.raises(LinkError, match="give a duration such as 20ms"):
-        parse_delay("20 parsecs")
+def test_delays_losses_and_limits_parse_as_netem_users_write_them():
+    """--delay takes us, ms or s (a list: one per client link), --loss a percentage, --limit bytes in tc's units."""
+    assert parse_delay("20ms") == pytest.approx(0.02) and parse_delay("500us") == pytest.approx(5e-4)
+    assert parse_delay(None) == 0.0 and parse_delay("0") == 0.0
+    assert parse_delays("5ms,80ms", clients=2) == pytest.approx([0.005, 0.08])
+    assert parse_delays("5ms", clients=3) == pytest.approx([0.005] * 3)
+    assert parse_percent("0.1%") == pytest.approx(0.001) and parse_percent(None) == 0.0
+    assert parse_size("64kb") == 65536 and parse_size("100000") == 100000 and parse_size(None) is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--delay", "-5ms"], r"--delay '-5ms' is negative: a delay is 0 or more, e\.g\. 25ms"),
+    (["--delay", "25"], r"--delay '25' has no unit: write 25ms"),
+    (["--delay", "20 parsecs"], r"--delay '20 parsecs': unknown unit 'parsecs'; use us, ms or s"),
+    (["--loss", "150%"], r"--loss '150%' is outside \[0, 100%\): give e\.g\. 0\.1%"),
+    (["--loss", "0.01"], r"--loss '0\.01': write it as a percentage with %, e\.g\. 0\.01%"),
+    (["--delay", "25ms", "--jitter", "30ms"], r"--jitter 30ms is larger than --delay 25ms: .* at most the delay"),
+    (["--delay", "5ms,80ms"], r"--delay '5ms,80ms' gives 2 delays for 1 client link: .*exactly one per client"),
+    (["--limit", "10kbit"], r"--limit '10kbit': unknown unit 'kbit'; give bytes with b, kb or mb"),
+    (["--bandwidth", "10mbps"], r"--bandwidth '10mbps': .* refused here to avoid an 8x mistake"),
+    (["--up", "5mbit"], r"give --bandwidth \(both directions\), or both --up and --down"),
+])
+def test_bad_link_settings_name_the_value_and_the_fix(args, message, capsys):
+    """Each bad setting exits 2 before anything is made, naming the option, the value and how to write it."""
+    if "--bandwidth" not in args and "--up" not in args:
+        args = ["--bandwidth", "10mbit", *args]
+    assert link_main([*args, "--", "true"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_without_dev_net_tun_the_delay_line_says_what_to_do(monkeypatch):
+    """The delay line needs /dev/net/tun: its absence is named with the two usual fixes."""
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netns.shutil, "which", lambda tool: f"/sbin/{tool}")
+    monkeypatch.setattr(netns.os.path, "exists", lambda path: path != "/dev/net/tun")
+    netns.check_requirements()  # tbf does not need it
+    with pytest.raises(LinkError, match=r"needs /dev/net/tun.*modprobe tun.*--device /dev/net/tun"):
+        netns.check_requirements(tun=True)
+
+
+def test_delay_jitter_or_loss_choose_the_delay_line_and_the_queue_defaults_to_the_bdp():
+    """auto: tbf for a rate alone, the delay line with a delay, jitter or loss; queue = max(BDP, 50 ms) per way."""
+    assert LinkSpec(bandwidth_bps=10**7).mode == "tbf"
+    spec = LinkSpec(up_bps=5 * 10**6, down_bps=10**8, delay_s=0.025, loss=0.001)
+    assert spec.mode == "delayline" and LinkSpec(bandwidth_bps=10**7, loss=0.01).mode == "delayline"
+    assert spec.limit("up") == 5 * 10**6 // 8 * 0.05 and spec.limit("down") == 10**8 // 8 * 0.05  # BDP = 50 ms
+    assert LinkSpec(bandwidth_bps=10**7, delay_s=0.1).limit("up") == 250_000  # 200 ms round trip
+    settings = spec.describe()
+    assert (settings["bandwidth"], settings["delay_ms"], settings["loss_pct"], settings["emulator"]) == (
+        "5mbit up, 100mbit down", 25.0, 0.1, "delayline")
+    with pytest.raises(LinkError, match="--emulator tbf shapes the rate only"):
+        LinkSpec(bandwidth_bps=10**7, delay_s=0.01, emulator="tbf")
+    with pytest.raises(LinkError, match=r"--limit 1000 bytes is less than one packet \(--mtu 1500\)"):
+        LinkSpec(bandwidth_bps=10**7, delay_s=0.01, limit_bytes=1000)
+
+
+# -- fast: the delay line's model, on a fake clock -------------------------------------------------------------------
+def test_a_packet_arrives_after_its_serialisation_plus_the_delay_and_waits_for_the_one_ahead():
+    """8 Mbit/s is 1 byte/us: 1000-byte packets sent together leave 1 ms apart and arrive delay_s after that."""
+    line = DelayQueue(rate_bps=8e6, delay_s=0.010, overhead=0)
+    assert all(line.push(bytes(1000), now=0.0) for _ in range(3))
+    assert line.next_due() == pytest.approx(0.011)
+    assert line.pop_due(0.0109) == [] and len(line.pop_due(0.0111)) == 1
+    assert len(line.pop_due(0.0131)) == 2 and line.next_due() is None
+    line.push(bytes(1000), now=1.0)  # an idle line: no wait
+    assert line.next_due() == pytest.approx(1.011)
+
+
+def test_the_queue_limit_drops_at_the_tail_and_counts_only_what_waits_to_be_sent():
+    """A full buffer drops the newcomer; packets already sent (in flight for the delay) do not fill it."""
+    line = DelayQueue(rate_bps=8e6, delay_s=0.5, limit_bytes=2500, overhead=0)
+    assert [line.push(bytes(1000), now=0.0) for _ in range(3)] == [True, True, False]
+    assert line.backlog(0.0) == 2000 and line.stats.dropped == 1
+    assert line.push(bytes(1000), now=0.0011)  # the first has left: 1000 + 1000 fit in 2500
+    assert line.backlog(0.0031) == 0 and len(line) == 3  # all sent, all still in flight
+    assert line.push(bytes(1000), now=0.0031) and line.push(bytes(1000), now=0.0031)
+
+
+def test_jitter_spreads_spaced_packets_uniformly_and_never_reorders_a_burst():
+    """Packets 20 ms apart see delay +- jitter uniformly; a burst keeps its order (arrivals never decrease)."""
+    rng = random.Random(1)
+    line = DelayQueue(rate_bps=1e9, delay_s=0.010, jitter_s=0.005, overhead=0, rng=rng)
+    delays = []
+    for i in range(2000):
+        line.push(bytes(100), now=0.02 * i)
+        delays.append(line.next_due() - 0.02 * i)
+        line.pop_due(0.02 * i + 0.016)
+    assert 0.005 <= min(delays) and max(delays) <= 0.0151
+    assert statistics.mean(delays) == pytest.approx(0.010, abs=3e-4)
+    assert statistics.pstdev(delays) == pytest.approx(0.005 / 3**0.5, rel=0.08)  # uniform: half-width / sqrt(3)
+    burst = DelayQueue(rate_bps=1e8, delay_s=0.010, jitter_s=0.005, rng=rng)
+    for i in range(1000):
+        burst.push(i.to_bytes(4, "big") + bytes(96), now=1e-4 * i)
+    arrivals = [t for t, _ in burst._in_flight]
+    assert arrivals == sorted(arrivals) and all(t - 1e-4 * i >= 0.005 for i, t in enumerate(arrivals))
+    assert [int.from_bytes(p[:4], "big") for p in burst.pop_due(10.0)] == list(range(1000))
+
+
+def test_random_loss_drops_the_fraction_asked_for():
+    """20,000 packets at 5% loss: the lost fraction within 4 binomial standard deviations (+-0.0062)."""
+    line = DelayQueue(rate_bps=1e9, loss=0.05, rng=random.Random(7))
+    kept = sum(line.push(bytes(100), now=1e-5 * i) for i in range(20_000))
+    assert line.stats.lost == 20_000 - kept
+    assert abs(line.stats.lost / 20_000 - 0.05) < 4 * (0.05 * 0.95 / 20_000) ** 0.5
 
 
 def test_without_root_the_error_says_so(monkeypatch):
@@ -71,7 +177,7 @@ def test_lightning_cli_commands_become_two_node_commands():
 
 
 def test_link_settings_describe_what_was_emulated():
-    """The run config names the rate, the qdisc, the addresses, and that latency is not emulated."""
+    """The run config names the rate, the qdisc, the addresses, and that latency is not emulated (tbf)."""
     settings = LinkSpec(bandwidth_bps=10**8).describe()
     assert settings["bandwidth"] == "100mbit" and settings["rate_mbit"] == 100.0 and settings["qdisc"] == "tbf"
     assert settings["latency"].startswith("not emulated")
@@ -87,11 +193,14 @@ def test_probe_measures_a_stalled_direction_again_and_keeps_the_best(monkeypatch
         calls.append((sender, receiver, nbytes))
         return measured[(sender, receiver)].pop(0)
 
+    monkeypatch.setattr(shaped_module, "probe_rates", probe.probe_rates)
     monkeypatch.setattr(probe, "stream_rate", stream)
+    monkeypatch.setattr(shaped_module, "ping", lambda link, count: {"rtt_ms": 50.2})
     shaped = ShapedLink(LinkSpec(bandwidth_bps=20 * 10**6))  # nothing is made before ``with``
-    assert shaped.probe(seconds=0.5) == {"up_mbit": 19.1, "down_mbit": 15.5, "bytes": 1_250_000}
+    assert shaped.probe(seconds=0.5) == {"up_mbit": 19.1, "down_mbit": 15.5, "up_bytes": 1_250_000,
+                                         "down_bytes": 1_250_000, "rtt_ms": 50.2}
     assert calls == [("client", "server", 1_250_000)] * 2 + [("server", "client", 1_250_000)] * 3
-    assert shaped.describe()["probe_down_mbit"] == 15.5
+    assert shaped.describe()["probe_down_mbit"] == 15.5 and shaped.describe()["probe_rtt_ms"] == 50.2
     with pytest.raises(ValueError, match=r"probe\(tries=0\): give at least 1 try"):
         shaped.probe(tries=0)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -66,10 +67,11 @@ def run_two_hosts(link: ShapedLink, command: list[str], *, grace: float = 900.0,
     procs: dict[str, subprocess.Popen] = {}
     pumps = []
     try:
-        for role in ROLES:
+        for role in ROLES:  # both started before any thread: the pre-exec step runs in a single-threaded parent
             procs[role] = subprocess.Popen(link.exec_prefix(role) + command, env=link.env(role, env),
                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                           errors="replace", start_new_session=True)
+                                           errors="replace", start_new_session=True, preexec_fn=_die_with_parent)
+        for role in ROLES:
             pump = threading.Thread(target=_pump, args=(procs[role].stdout, f"[{role}] ", out), daemon=True)
             pump.start()
             pumps.append(pump)
@@ -98,6 +100,16 @@ def run_two_hosts(link: ShapedLink, command: list[str], *, grace: float = 900.0,
         result.server = procs["server"].returncode if "server" in procs else None
         result.seconds = time.monotonic() - start
     return result
+
+
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the rank's process, before exec: SIGTERM when the launcher dies, even by ``kill -9`` (kept across exec;
+    ``ip netns exec`` execs the command itself)."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _pump(stream: TextIO, prefix: str, out: TextIO) -> None:

@@ -25,8 +25,8 @@ _NS_PATTERN = re.compile(rf"^{re.escape(NS_PREFIX)}(\d+)-\d+-(client|server)$")
 _CLONE_NEWNET = 0x40000000
 
 
-def check_requirements() -> None:
-    """Raise :class:`LinkError` saying what is missing: Linux, root, ``ip`` or ``tc``."""
+def check_requirements(*, tun: bool = False) -> None:
+    """Raise :class:`LinkError` saying what is missing: Linux, root, ``ip``, ``tc``, or (``tun``) ``/dev/net/tun``."""
     if not sys.platform.startswith("linux"):
         raise LinkError(f"splitlit.link needs Linux network namespaces; this is {sys.platform}. Run the two ranks "
                         f"on two hosts instead (see the README's two-host recipe).")
@@ -39,6 +39,10 @@ def check_requirements() -> None:
                         f"(`ip netns add`, `ip link add ... type veth`, `tc qdisc add ... tbf`); running as uid "
                         f"{os.geteuid()}. Run it with sudo (sudo -E env PATH=\"$PATH\" python -m splitlit.link ...) "
                         f"or in a container with CAP_NET_ADMIN and CAP_SYS_ADMIN.")
+    if tun and not os.path.exists("/dev/net/tun"):
+        raise LinkError("the delay line (--delay, --jitter, --loss) needs /dev/net/tun, which this machine lacks: "
+                        "load the tun module (modprobe tun) or, in a container, pass the device (docker run "
+                        "--device /dev/net/tun --cap-add NET_ADMIN).")
 
 
 def run(cmd: Sequence[str], what: str) -> str:

@@ -1,18 +1,21 @@
-"""The shaped link: two namespaces joined by a veth pair, shaped with ``tc``; removed again on exit."""
+"""The shaped link: two namespaces joined by a shaped veth pair or by the delay line; removed again on exit."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import os
+import random
 import signal
 import subprocess
 from typing import Any
 
+from splitlit.link.delay import DelayQueue
+from splitlit.link.delayline import DelayLine
 from splitlit.link.errors import LinkError
-from splitlit.link.netns import NS_PREFIX, check_requirements, remove_netns, run
-from splitlit.link.probe import probe_rates
-from splitlit.link.spec import IFNAME, NODE_RANK, ROLES, LinkSpec
+from splitlit.link.netns import NS_PREFIX, check_requirements, remove_netns, remove_stale_links, run
+from splitlit.link.probe import ping, probe_rates
+from splitlit.link.spec import DIRECTIONS, ETHERNET_HEADER, IFNAME, NODE_RANK, ROLES, LinkSpec
 
 __all__ = ["LINK_ENV", "STOP_SIGNALS", "ShapedLink"]
 
@@ -22,13 +25,15 @@ _counter = itertools.count()
 
 
 class ShapedLink:
-    """Two namespaces joined by a shaped veth pair; a context manager that removes all it made on exit.
+    """Two namespaces joined by an emulated link; a context manager that removes all it made on exit.
 
-        with ShapedLink(LinkSpec(bandwidth_bps=100_000_000)) as link:
-            link.probe(seconds=1.0)            # {"up_mbit": 95.8, "down_mbit": 95.9, ...}
+        with ShapedLink(LinkSpec(bandwidth_bps=100_000_000, delay_s=0.025)) as link:
+            link.probe(seconds=1.0)            # {"up_mbit": 95.6, "down_mbit": 95.7, "rtt_ms": 50.3, ...}
             subprocess.run(link.exec_prefix("client") + ["python", "..."], env=link.env("client"))
 
-    Namespace names: ``splitlit-link-<pid>-<n>-client`` / ``-server``.
+    The link is a veth pair shaped by ``tc tbf`` (rate only) or ``netem``, or two TUN devices joined by the
+    delay line (:mod:`splitlit.link.delayline`): ``spec.mode`` says which. Either way the client's interface is
+    ``sl-client`` and the server's ``sl-server``. Namespace names: ``splitlit-link-<pid>-<n>-client`` / ``-server``.
     """
 
     def __init__(self, spec: LinkSpec, *, port: int = 29500) -> None:
@@ -37,11 +42,14 @@ class ShapedLink:
         stem = f"{NS_PREFIX}{os.getpid()}-{next(_counter)}"
         self.netns = {role: f"{stem}-{role}" for role in ROLES}
         self.probed: dict[str, float] | None = None
+        self.delayline: DelayLine | None = None
+        self.delayline_report: dict[str, Any] = {}
         self._made: list[str] = []
 
     # set-up and tear-down
     def __enter__(self) -> ShapedLink:
-        check_requirements()
+        check_requirements(tun=self.spec.mode == "delayline")
+        remove_stale_links()  # what a killed launcher left behind (its pid is gone) goes first
         try:
             self._create()
         except BaseException:
@@ -57,6 +65,9 @@ class ShapedLink:
         for role in ROLES:
             run(["ip", "netns", "add", ns[role]], f"creating network namespace {ns[role]}")
             self._made.append(ns[role])
+        if spec.mode == "delayline":
+            self._start_delayline()
+            return
         # Both ends are created inside their namespaces: no interface ever appears on the host.
         run(["ip", "link", "add", IFNAME["client"], "netns", ns["client"], "mtu", str(spec.mtu), "type", "veth",
              "peer", "name", IFNAME["server"], "netns", ns["server"], "mtu", str(spec.mtu)], "creating the veth pair")
@@ -67,20 +78,41 @@ class ShapedLink:
             run(ip + ["link", "set", IFNAME[role], "up"], f"bringing up {IFNAME[role]}")
             self._shape(role)
 
+    def _start_delayline(self) -> None:
+        """Fork the delay line (it makes the two TUN devices), then address them point to point and bring them up."""
+        spec, ns = self.spec, self.netns
+        seed = random.Random(spec.seed).getrandbits(64)  # None: a fresh seed; else the same draws every run
+        queues = {d: DelayQueue(rate_bps=spec.rate(d), delay_s=spec.delay_s, jitter_s=spec.jitter_s, loss=spec.loss,
+                                limit_bytes=spec.limit(d), overhead=ETHERNET_HEADER, rng=random.Random(f"{seed}{d}"))
+                  for d in DIRECTIONS}
+        self.delayline = DelayLine(netns=ns, up=queues["up"], down=queues["down"])
+        self.delayline.start()
+        for role, peer in zip(ROLES, reversed(ROLES)):
+            ip = ["ip", "-n", ns[role]]
+            run(ip + ["addr", "add", f"{spec.addr(role)}/32", "peer", f"{spec.addr(peer)}/32", "dev", IFNAME[role]],
+                f"addressing {IFNAME[role]}")
+            run(ip + ["link", "set", "lo", "up"], f"bringing up lo in {ns[role]}")
+            run(ip + ["link", "set", IFNAME[role], "mtu", str(spec.mtu), "txqueuelen", "1000", "up"],
+                f"bringing up {IFNAME[role]}")
+
     def _shape(self, role: str) -> None:
         spec, dev = self.spec, ["dev", IFNAME[role]]
+        rate = spec.rate("up" if role == "client" else "down")  # each end shapes what leaves it
         tc = ["tc", "-n", self.netns[role], "qdisc", "add", *dev]
-        tbf = ["tbf", "rate", f"{spec.bandwidth_bps}bit", "burst", str(spec.burst),
-               "latency", f"{spec.queue_s * 1e3:g}ms"]
-        if not spec.delay_s:
+        tbf = ["tbf", "rate", f"{rate}bit", "burst", str(spec.burst), "latency", f"{spec.queue_s * 1e3:g}ms"]
+        if spec.mode == "tbf":
             run(tc + ["root", "handle", "1:", *tbf], f"shaping {IFNAME[role]} with tbf")
             return
-        result = subprocess.run(tc + ["root", "handle", "1:", "netem", "delay", f"{spec.delay_s * 1e6:.0f}us"],
-                                capture_output=True, text=True)
+        netem = ["netem", "delay", f"{spec.delay_s * 1e6:.0f}us"]
+        if spec.jitter_s:
+            netem += [f"{spec.jitter_s * 1e6:.0f}us"]
+        if spec.loss:
+            netem += ["loss", "random", f"{spec.loss * 100:g}%"]
+        result = subprocess.run(tc + ["root", "handle", "1:", *netem], capture_output=True, text=True)
         if result.returncode != 0:
-            raise LinkError(f"--delay needs tc's netem qdisc, which this kernel lacks or refused "
-                            f"({result.stderr.strip()}). Latency cannot be emulated here: leave --delay out "
-                            f"(only the bandwidth is then shaped).")
+            raise LinkError(f"--emulator netem needs tc's netem qdisc, which this kernel lacks or refused "
+                            f"({result.stderr.strip()}). Use the delay line instead: leave --emulator out "
+                            f"(or give --emulator delayline).")
         run(tc + ["parent", "1:1", "handle", "10:", *tbf], f"shaping {IFNAME[role]} with tbf under netem")
 
     def close(self) -> None:
@@ -88,6 +120,9 @@ class ShapedLink:
         # A second Ctrl-C must not cut the clean-up short: signals wait until it is done.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
+            if self.delayline is not None:
+                self.delayline_report = self.delayline.stop()
+                self.delayline = None
             for name in reversed(self._made):
                 remove_netns(name)
             self._made = []
@@ -125,7 +160,9 @@ class ShapedLink:
             out[role] = {"rx_bytes": int(stats["rx"]["bytes"]), "tx_bytes": int(stats["tx"]["bytes"])}
         return out
 
-    def probe(self, seconds: float = 1.0, tries: int = 3) -> dict[str, float]:
-        """Measure the link each way (see :func:`splitlit.link.probe.probe_rates`); kept for :meth:`describe`."""
-        self.probed = probe_rates(self, seconds, tries)
+    def probe(self, seconds: float = 1.0, tries: int = 3, pings: int = 20) -> dict[str, float]:
+        """Measure the round trip (:func:`~splitlit.link.probe.ping`, on the idle link, first) and each direction's
+        rate (:func:`~splitlit.link.probe.probe_rates`); kept for :meth:`describe` and so the run config."""
+        measured = ping(self, pings) if pings else {}
+        self.probed = {**probe_rates(self, seconds, tries), **measured}
         return self.probed
