@@ -8,9 +8,10 @@ timeout, or ``pytest.mark.timeout``) and removes the namespaces it made, even wh
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
-import re
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -249,6 +250,37 @@ def _link_command(args: list[str], *, env: dict[str, str] | None = None):
             netns.remove_netns(name)
 
 
+@contextmanager
+def _forked_launcher(args: list[str], log: Path):
+    """``python -m splitlit.link ARGS`` run by a fork of this process (no second start of Python, torch and
+    Lightning: seconds per test), its output in ``log``; killed, and whatever it left removed, after the block."""
+    proc = multiprocessing.get_context("fork").Process(target=_launch, args=(args, str(log)))
+    proc.start()
+    try:
+        yield proc
+    finally:
+        if proc.is_alive():
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(30)
+        for name in _namespaces(proc.pid):
+            netns.remove_netns(name)
+
+
+def _launch(args: list[str], log: str) -> None:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
+    os.chdir(REPO)
+    os.environ.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", WANDB_MODE="offline",
+                      WANDB_SILENT="true")
+    for key in ("NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", LINK_ENV):
+        os.environ.pop(key, None)
+    code = link_main(args)
+    sys.stdout.flush()
+    os._exit(code)
+
+
 def _finish(proc: subprocess.Popen, timeout: float) -> Result:
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -334,16 +366,93 @@ def test_cleanup_removes_what_a_killed_run_left():
 
 
 @pytest.mark.slow
-def test_delay_needs_netem_and_says_so():
-    """--delay works where the kernel has netem; where it has not (this kernel) it fails clearly, leaving nothing."""
-    with _link_command(["--bandwidth", "10mbit", "--delay", "5ms", "--probe-seconds", "0", "--", "true"]) as proc:
-        result = _finish(proc, 60)
-        assert not _namespaces(proc.pid)
-    if result.returncode == 0:
-        assert "client exited 0, server exited 0" in result.output
+@pytest.mark.timeout(60)
+def test_netem_is_used_where_the_kernel_has_it_and_its_absence_is_explained():
+    """--emulator netem works where the kernel has sch_netem; where not (this kernel) it fails clearly, leaving nothing."""
+    try:
+        with ShapedLink(LinkSpec(bandwidth_bps=10**7, delay_s=0.005, emulator="netem")) as shaped:
+            made = list(shaped.netns.values())
+    except LinkError as err:
+        assert "--emulator netem needs tc's netem qdisc" in str(err) and "leave --emulator out" in str(err)
     else:
-        assert result.returncode == 2
-        assert "--delay needs tc's netem qdisc" in result.output and "Latency cannot be emulated" in result.output
+        assert not set(made) & set(_namespaces())
+    assert not _namespaces(os.getpid())
+
+
+# -- slow: the delay line ----------------------------------------------------------------------------------------
+PAYLOAD = 1448 / 1514  # TCP payload per Ethernet frame at MTU 1500 (timestamps on): what the probe's streams carry
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_delay_line_round_trip_and_asymmetric_rates():
+    """10 Mbit/s up, 100 Mbit/s down, 25 ms each way: round trip within 10% + 1 ms of 50 ms, each one-way delay within
+    10% + 0.5 ms of 25 ms (3 ms), and each direction's TCP rate within 10% of its rate's payload.
+
+    Each stream carries 1.5 s at its rate (1.9 MB up, 19 MB down) and is timed over its second half: slow start
+    from 10 segments needs ~3 round trips (150 ms) to fill 10 Mbit/s x 50 ms, ~5 (250 ms) to fill 100 Mbit/s.
+    """
+    spec = LinkSpec(up_bps=10**7, down_bps=10**8, delay_s=0.025, seed=0)
+    try:
+        with ShapedLink(spec) as shaped:
+            probed = shaped.probe(seconds=1.5)
+        report = shaped.delayline_report
+    finally:
+        for name in _namespaces(os.getpid()):
+            netns.remove_netns(name)
+    assert abs(probed["rtt_ms"] - 50) <= 0.1 * 50 + 1, probed
+    assert abs(probed["up_delay_ms"] - 25) <= 3 and abs(probed["down_delay_ms"] - 25) <= 3, probed
+    assert abs(probed["up_mbit"] / (10 * PAYLOAD) - 1) <= 0.10, probed
+    assert abs(probed["down_mbit"] / (100 * PAYLOAD) - 1) <= 0.10, probed
+    assert report["up"]["lost"] == 0 and report["cpu_s"] > 0, report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_delay_line_loses_the_fraction_asked_for_never_reorders_and_spreads_delays():
+    """10% loss, 10 ms +- 5 ms: of 2,000 datagrams (one every 0.2 ms) the lost fraction is within 4 binomial
+    standard deviations of 10% (+-2.7 points); none overtakes another; 150 datagrams 12 ms apart (more than twice
+    the jitter: none is held back by the one ahead) are never early, and their delays spread as a uniform one over
+    [5, 15] ms does: median 10 ms, 10th percentile under 7.5 ms (uniform: 6), 90th over 12.5 ms (uniform: 14).
+    The upper bounds allow 1.5 ms of lateness: the delay line is a process a busy host may schedule late."""
+    spec = LinkSpec(bandwidth_bps=10**8, delay_s=0.010, jitter_s=0.005, loss=0.10, seed=1)
+    try:
+        with ShapedLink(spec) as shaped:
+            burst = probe.datagrams(shaped, "client", "server", 2000, interval=2e-4)
+            spaced = probe.datagrams(shaped, "server", "client", 150, interval=0.012)
+    finally:
+        for name in _namespaces(os.getpid()):
+            netns.remove_netns(name)
+    lost = 1 - len(burst) / 2000
+    assert abs(lost - 0.10) <= 4 * (0.1 * 0.9 / 2000) ** 0.5, lost
+    order = [seq for seq, _ in burst]
+    assert order == sorted(order), "a datagram overtook another"
+    delays = sorted(d for _, d in spaced)
+    assert [seq for seq, _ in spaced] == sorted(seq for seq, _ in spaced)
+    tenth, median, ninetieth = (delays[int(q * (len(delays) - 1))] for q in (0.1, 0.5, 0.9))
+    assert delays[0] >= 0.0049 and abs(median - 0.010) <= 0.0015, delays  # never early; late by scheduling only
+    assert tenth <= 0.0075 and 0.0125 <= ninetieth <= 0.0165, delays  # uniform: 6 ms and 14 ms
+
+
+@pytest.mark.slow
+def test_a_killed_launcher_leaves_nothing_behind(tmp_path):
+    """kill -9 of the launcher: the ranks and the delay line die with it, and the delay line removes the namespaces."""
+    with _forked_launcher(["--bandwidth", "10mbit", "--delay", "10ms", "--probe-seconds", "0", "--",
+                           "sleep", "60"], tmp_path / "log") as proc:
+        deadline = time.monotonic() + 60
+        children: list[str] = []
+        while len(children) < 3 and time.monotonic() < deadline:  # the delay line and the two ranks
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            time.sleep(0.2)
+        assert len(children) == 3, "the delay line and both ranks never started"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(30)
+        deadline = time.monotonic() + 20
+        while (_namespaces(proc.pid) or any(Path(f"/proc/{c}").exists() for c in children)) and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _namespaces(proc.pid), "the namespaces were left behind"
+        assert not [c for c in children if Path(f"/proc/{c}").exists()], "a rank or the delay line survived"
 
 
 # -- slow: training over the link ----------------------------------------------------------------------------------
@@ -404,3 +513,37 @@ def test_a_link_too_slow_for_the_timeout_fails_clearly():
     assert "took longer than the timeout of 3 s" in result.output, result.output[-4000:]
     assert "raise SplitPipelineStrategy(timeout=...)" in result.output
     assert elapsed < 120
+
+
+@pytest.mark.slow
+def test_training_over_a_25ms_link_reaches_the_weights_of_unsplit_training(tmp_path):
+    """Delay changes time, never results: two ranks over 100 Mbit/s with 25 ms each way end with the weights a
+    single process gets from the same seed and data (the same operations in the same order; the tolerance covers
+    only float summation order, which the split does not change here)."""
+    import lightning as L
+    import torch
+    import torch.nn.functional as F
+
+    from tests.scripts.link_wide import Wide
+
+    save, log = tmp_path / "w", tmp_path / "log"
+    with _forked_launcher(["--bandwidth", "100mbit", "--delay", "25ms", "--probe-seconds", "0", "--",
+                           sys.executable, "tests/scripts/link_wide.py", "--save", str(save)], log) as proc:
+        proc.join(240)
+        output = log.read_text()
+        assert proc.exitcode == 0, output[-4000:]
+    assert "25 ms one way (delay line)" in output and "delay line: " in output
+    split = {**torch.load(f"{save}.rank0.pt"), **torch.load(f"{save}.rank1.pt")}
+
+    L.seed_everything(0, verbose=False)  # as link_wide.main: seed, data, then the model
+    x = torch.randn(16, 6)
+    model = Wide()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for xb in x.split(8):
+        opt.zero_grad()
+        F.cross_entropy(model(xb), (xb[:, 0] > 0).long()).backward()
+        opt.step()
+    reference = model.state_dict()
+    assert split.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(split[key], value, rtol=1e-5, atol=1e-6, msg=key)
