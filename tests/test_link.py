@@ -485,6 +485,9 @@ def test_killed_server_then_resume_over_the_link(tmp_path):
     run = tmp_path / "runs" / "killed"
     settings = json.loads((run / "run.json").read_text())["link"]  # the run config W&B gets, beside metrics.csv
     assert settings["bandwidth"] == "100mbit" and 80 < settings["probe_up_mbit"] < 101
+    assert settings["probe_rtt_ms"] < 5  # tbf: the veth's round trip
+    summary = json.loads((run / "summary.json").read_text())  # the measured link beside the run's figures
+    assert summary["emulated_link/probe_up_mbit"] == settings["probe_up_mbit"]
     last = run / "checkpoints" / "last.ckpt"
     assert last.is_file(), sorted(p.name for p in run.rglob("*"))
 
