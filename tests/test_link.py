@@ -224,6 +224,17 @@ def test_receives_are_posted_before_the_sends_they_would_queue_behind(order):
         assert not any(k in (C.RECV_F, C.RECV_B) and p in (C.SEND_F, C.SEND_B) for p, k in zip(kinds, kinds[1:]))
 
 
+def test_the_bound_of_a_batch_is_the_busiest_stage_plus_fill_plus_four_delays():
+    """chunks 1: every stage in turn; many chunks: the busiest stage; both plus four one-way delays."""
+    from experiments.bench_link import WIRE_PER_PAYLOAD, batch_bound, parse_delay_list
+
+    stages = dict(client_s=1.0, server_s=2.0, up_bytes=1e6 / WIRE_PER_PAYLOAD, down_bytes=5e5 / WIRE_PER_PAYLOAD,
+                  up_bps=8e6, down_bps=8e6, delay_s=0.025)  # links: 1 s up, 0.5 s down
+    assert batch_bound(**stages, chunks=1) == pytest.approx(1 + 2 + 1 + 0.5 + 0.1)
+    assert batch_bound(**stages, chunks=10) == pytest.approx(2 + 2.5 / 10 + 0.1)
+    assert parse_delay_list("0,10,25,50ms") == [0, 10, 25, 50]
+
+
 # -- slow: the link itself ----------------------------------------------------------------------------------------
 def _namespaces(owner: int | None = None) -> list[str]:
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout.split("\n")
