@@ -171,7 +171,7 @@ def delay_rows(out: Path, links: list[tuple[str, str, float]], codecs: list[str]
 
 def _delay_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| bandwidth | one-way delay (ms) | measured RTT (ms) | codec | chunks | time per batch (s) | client (s) "
-             "| server (s) | up MB | down MB | bound (s) | time / bound |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| server (s) | up MB | down MB | bound (s) | time / bound |", "|---" * 12 + "|"]
     for r in rows:
         rtt = f"{r['rtt_ms']:.1f}" if r["rtt_ms"] is not None else "-"
         lines.append(f"| {r['bandwidth']} | {r['delay_ms']:g} | {rtt} | {CODECS[r['codec']]} | {r['chunks']} "

@@ -379,7 +379,7 @@ def test_cleanup_removes_what_a_killed_run_left():
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_netem_is_used_where_the_kernel_has_it_and_its_absence_is_explained():
-    """--emulator netem works where the kernel has sch_netem; where not (this kernel) it fails clearly, leaving nothing."""
+    """--emulator netem works where the kernel has sch_netem; where not (this one) it fails clearly, leaving nothing."""
     try:
         with ShapedLink(LinkSpec(bandwidth_bps=10**7, delay_s=0.005, emulator="netem")) as shaped:
             made = list(shaped.netns.values())
