@@ -106,7 +106,8 @@ class WireBytes(Callback):
 
 
 def run_command(*, bandwidth: str, codec: str, chunks: int, root: Path, group: str, stats: Path,
-                extra: list[str], delay_ms: float | None = None, name: str | None = None) -> list[str]:
+                extra: list[str], delay_ms: float | None = None, name: str | None = None,
+                sysctls: list[str] = ()) -> list[str]:
     """One run over the shaped link (over the delay line, with ``delay_ms`` one way, when that is given)."""
     fit = [sys.executable, "-m", "experiments.cifar10_mobilenet", "fit",
            "--config", f"experiments/configs/cifar10_{codec}_c{chunks}.yaml",
@@ -117,6 +118,8 @@ def run_command(*, bandwidth: str, codec: str, chunks: int, root: Path, group: s
     link = ["--bandwidth", bandwidth]
     if delay_ms is not None:
         link += ["--delay", f"{delay_ms:g}ms", "--emulator", "delayline"]
+    for item in sysctls:
+        link += ["--sysctl", item]
     return [sys.executable, "-m", "splitlit.link", *link, "--stats", str(stats), "--", *fit]
 
 
@@ -145,9 +148,13 @@ def batch_bound(*, client_s: float, server_s: float, up_bytes: float, down_bytes
 
 def delay_rows(out: Path, links: list[tuple[str, str, float]], codecs: list[str],
                chunks: list[int]) -> list[dict[str, Any]]:
-    """One row per finished run of the delay sweep: time per batch, its parts, the bound and the ratio to it."""
+    """One row per finished run of the delay sweep: time per batch, its parts, the bound and the ratio to it.
+
+    ``links``: (bandwidth, the runs' folder name, one-way delay in ms); a folder name ending in ``_sysctl`` (runs
+    with ``--sysctl``) labels its rows ``<bandwidth>_sysctl``."""
     rows = []
     for bandwidth, link_name, delay_ms in links:
+        label = bandwidth + ("_sysctl" if link_name.endswith("_sysctl") else "")
         for codec in codecs:
             for n in chunks:
                 run = out / link_name / f"{link_name}-{codec}-c{n}"
@@ -162,7 +169,7 @@ def delay_rows(out: Path, links: list[tuple[str, str, float]], codecs: list[str]
                 bound = batch_bound(client_s=client, server_s=server, up_bytes=up, down_bytes=down,
                                     up_bps=link["up_mbit"] * 1e6, down_bps=link["down_mbit"] * 1e6,
                                     delay_s=delay_ms / 1e3, chunks=n)
-                rows.append({"bandwidth": bandwidth, "delay_ms": delay_ms, "rtt_ms": link.get("probe_rtt_ms"),
+                rows.append({"bandwidth": label, "delay_ms": delay_ms, "rtt_ms": link.get("probe_rtt_ms"),
                              "codec": codec, "chunks": n, "time_per_batch_s": s["time/batch_s_run"],
                              "client_s": client, "server_s": server, "up_MB": up / 1e6, "down_MB": down / 1e6,
                              "bound_s": bound, "ratio": s["time/batch_s_run"] / bound})
@@ -277,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--delays", type=parse_delay_list, default=None,
                         help="one-way delays, e.g. 0,10,25,50ms: each run over the delay line once per delay")
+    parser.add_argument("--sysctl", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed to splitlit.link (both namespaces), e.g. net.ipv4.tcp_slow_start_after_idle=0; "
+                             "the runs' folders get '_sysctl' appended")
     parser.add_argument("--report-only", action="store_true", help="only redraw the report and goals from --out")
     parser.add_argument("--rerun", action="store_true", help="repeat runs that finished in --out already")
     args = parser.parse_args(argv)
@@ -285,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
                PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
     started = time.monotonic()
     # (bandwidth, the folder and run-name stem of its link, one-way delay in ms or None)
-    links = [(b, b if d is None else f"{b}_{d:g}ms", d) for b in args.bandwidths for d in (args.delays or [None])]
+    tag = "_sysctl" if args.sysctl else ""
+    links = [(b, (b if d is None else f"{b}_{d:g}ms") + tag, d) for b in args.bandwidths
+             for d in (args.delays or [None])]
     if not args.report_only:
         runs = [(link, c, n) for link in links for c in args.codecs for n in args.chunks]
         for i, ((bandwidth, link_name, delay_ms), codec, chunks) in enumerate(runs, 1):
@@ -296,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{i}/{len(runs)}] {name}: done already (--rerun to repeat)")
                 continue
             cmd = run_command(bandwidth=bandwidth, codec=codec, chunks=chunks, root=out / link_name,
-                              group=f"bench_link-{link_name}", stats=stats, extra=extra, delay_ms=delay_ms, name=name)
+                              group=f"bench_link-{link_name}", stats=stats, extra=extra, delay_ms=delay_ms, name=name,
+                              sysctls=args.sysctl)
             print(f"[{i}/{len(runs)}] {time.monotonic() - started:.0f} s: {shlex.join(cmd)}", flush=True)
             log = out / "logs" / f"{name}.log"
             log.parent.mkdir(parents=True, exist_ok=True)

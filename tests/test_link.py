@@ -69,6 +69,7 @@ def test_delays_losses_and_limits_parse_as_netem_users_write_them():
     (["--limit", "10kbit"], r"--limit '10kbit': unknown unit 'kbit'; give bytes with b, kb or mb"),
     (["--bandwidth", "10mbps"], r"--bandwidth '10mbps': .* refused here to avoid an 8x mistake"),
     (["--up", "5mbit"], r"give --bandwidth \(both directions\), or both --up and --down"),
+    (["--sysctl", "foo"], r"--sysctl 'foo': give KEY=VALUE, e\.g\. net\.ipv4\.tcp_slow_start_after_idle=0"),
 ])
 def test_bad_link_settings_name_the_value_and_the_fix(args, message, capsys):
     """Each bad setting exits 2 before anything is made, naming the option, the value and how to write it."""

@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="auto (default): the delay line when --delay/--jitter/--loss is given, tc tbf "
                              "otherwise; netem needs the kernel's sch_netem")
     parser.add_argument("--seed", type=int, default=None, help="seed of the delay line's loss and jitter")
+    parser.add_argument("--sysctl", action="append", default=[], metavar="KEY=VALUE",
+                        help="set in both namespaces (repeatable), e.g. net.ipv4.tcp_slow_start_after_idle=0")
     parser.add_argument("--mtu", type=int, default=1500, help="MTU of the link's interfaces (default 1500)")
     parser.add_argument("--burst", type=int, default=None, help="tbf bucket in bytes (default max(32 KiB, 2 ms))")
     parser.add_argument("--queue-ms", type=float, default=50.0, help="tbf queue, in ms at the rate (default 50)")
@@ -84,12 +86,18 @@ def spec_from_args(args: argparse.Namespace, clients: int = 1) -> LinkSpec:
     if jitter > delay:
         raise LinkError(f"--jitter {args.jitter} is larger than --delay {args.delay or 0}: a packet cannot arrive "
                         f"before it was sent; give a jitter of at most the delay (e.g. --delay 25ms --jitter 5ms).")
+    sysctls = []
+    for item in args.sysctl:
+        key, _, value = item.partition("=")
+        if not key.strip() or not value.strip():
+            raise LinkError(f"--sysctl {item!r}: give KEY=VALUE, e.g. net.ipv4.tcp_slow_start_after_idle=0.")
+        sysctls.append((key.strip(), value.strip()))
     return LinkSpec(bandwidth_bps=parse_rate(args.bandwidth) if args.bandwidth else None,
                     up_bps=parse_rate(args.up, "--up") if args.up else None,
                     down_bps=parse_rate(args.down, "--down") if args.down else None,
                     delay_s=delay, jitter_s=jitter, loss=parse_percent(args.loss), limit_bytes=parse_size(args.limit),
                     emulator=args.emulator, seed=args.seed, mtu=args.mtu, queue_s=args.queue_ms / 1e3,
-                    burst_bytes=args.burst)
+                    burst_bytes=args.burst, sysctls=tuple(sysctls))
 
 
 def main(argv: list[str] | None = None) -> int:

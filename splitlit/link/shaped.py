@@ -65,6 +65,9 @@ class ShapedLink:
         for role in ROLES:
             run(["ip", "netns", "add", ns[role]], f"creating network namespace {ns[role]}")
             self._made.append(ns[role])
+            for key, value in spec.sysctls:
+                run(["ip", "netns", "exec", ns[role], "sysctl", "-q", "-w", f"{key}={value}"],
+                    f"--sysctl {key}={value} in {ns[role]}")
         if spec.mode == "delayline":
             self._start_delayline()
             return

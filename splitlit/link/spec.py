@@ -39,6 +39,8 @@ class LinkSpec:
         queue_s: tbf's queue, seconds at the rate (its ``latency``); also the delay line's smallest queue.
         burst_bytes: tbf's bucket; default max(32 KiB, 2 ms at the rate).
         seed: of the delay line's loss and jitter (None: a fresh one each run).
+        sysctls: ``(key, value)`` pairs set in both namespaces, e.g. ``("net.ipv4.tcp_slow_start_after_idle",
+            "0")`` (each namespace has its own TCP settings; the host's are untouched).
         client_addr / server_addr: the two ends, on addresses that exist only in the namespaces.
     """
 
@@ -56,6 +58,7 @@ class LinkSpec:
     limit_bytes: int | None = None
     emulator: str = "auto"
     seed: int | None = None
+    sysctls: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         up, down = self.up_bps or self.bandwidth_bps, self.down_bps or self.bandwidth_bps
