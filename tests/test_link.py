@@ -99,6 +99,8 @@ def test_delay_jitter_or_loss_choose_the_delay_line_and_the_queue_defaults_to_th
     settings = spec.describe()
     assert (settings["bandwidth"], settings["delay_ms"], settings["loss_pct"], settings["emulator"]) == (
         "5mbit up, 100mbit down", 25.0, 0.1, "delayline")
+    assert LinkSpec(bandwidth_bps=10**7, sysctls=(("net.ipv4.tcp_slow_start_after_idle", "0"),)).describe()[
+        "sysctls"] == {"net.ipv4.tcp_slow_start_after_idle": "0"}
     with pytest.raises(LinkError, match="--emulator tbf shapes the rate only"):
         LinkSpec(bandwidth_bps=10**7, delay_s=0.01, emulator="tbf")
     with pytest.raises(LinkError, match=r"--limit 1000 bytes is less than one packet \(--mtu 1500\)"):

@@ -139,6 +139,8 @@ class LinkSpec:
                     "loss_pct": self.loss * 100 if self.loss else None, "latency": latency,
                     "mtu": self.mtu, "client_addr": self.client_addr, "server_addr": self.server_addr,
                     "client_ifname": IFNAME["client"], "server_ifname": IFNAME["server"]}
+        if self.sysctls:
+            settings["sysctls"] = dict(self.sysctls)
         if mode == "delayline":
             settings.update(limit_bytes={d: self.limit(d) for d in DIRECTIONS}, seed=self.seed)
         else:
