@@ -16,6 +16,20 @@ the goals are checked into ``<out>/goals.md``; runs already in ``--out`` are kep
 
 Why 10mbit: this CPU computes a batch ~10-25x slower than the report's GPU, so at 100 Mbit/s the link is not the
 bottleneck here the way it was there; 10 Mbit/s puts link time against compute time where the report had them.
+
+What pipelining buys on a far link (``--delays``): every run then goes over the delay line (delay 0 too, so all
+rows share one emulator), once per one-way delay, and ``<out>/delay.md`` tabulates time per batch against the
+delay with each row's bound and the ratio to it, ``<out>/report/time_vs_rtt_<bandwidth>_<codec>.png`` draws
+it (one line per chunk count):
+
+    sudo .venv/bin/python -m experiments.bench_link --out runs/bench_delay --bandwidths 10mbit \\
+        --codecs convinsert097 --delays 0,25ms                                  # 6 runs, ~6 min on 2 CPU cores
+
+The bound of a row (:func:`batch_bound`): the busiest of the four stages a batch goes through (client compute,
+server compute, the client -> server bytes at the up rate, the server -> client bytes at the down rate, as
+measured in that run), plus the pipeline's fill and drain (the other three stages' time for one micro-batch:
+their sum / chunks), plus four one-way delays (the U crosses the link twice forward and twice backward, and the
+first micro-batch's forward and the last one's backward overlap nothing).
 """
 
 from __future__ import annotations
@@ -36,13 +50,14 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger
 from typing_extensions import override
 
-from splitlit.link import IFNAME, interface_bytes
+from splitlit.link import IFNAME, LinkError, interface_bytes, parse_delay
 
-__all__ = ["WireBytes", "check_goals", "main"]
+__all__ = ["WireBytes", "batch_bound", "check_goals", "delay_rows", "main", "parse_delay_list"]
 
 REPO = Path(__file__).resolve().parents[1]
 CODECS = {"none": "none", "convinsert097": "conv insert 0.097", "poweriter3_7": "poweriter (3,7)"}
 WIRE_FILE = "wire.json"
+WIRE_PER_PAYLOAD = 1514 / 1448  # Ethernet frame per TCP payload at MTU 1500 (what the rate carries)
 
 
 class WireBytes(Callback):
@@ -91,15 +106,116 @@ class WireBytes(Callback):
 
 
 def run_command(*, bandwidth: str, codec: str, chunks: int, root: Path, group: str, stats: Path,
-                extra: list[str]) -> list[str]:
-    """One run over the shaped link."""
+                extra: list[str], delay_ms: float | None = None, name: str | None = None,
+                sysctls: list[str] = ()) -> list[str]:
+    """One run over the shaped link (over the delay line, with ``delay_ms`` one way, when that is given)."""
     fit = [sys.executable, "-m", "experiments.cifar10_mobilenet", "fit",
            "--config", f"experiments/configs/cifar10_{codec}_c{chunks}.yaml",
            "--config", "experiments/configs/cifar10_link.yaml",
            "--trainer.default_root_dir", str(root), "--run.group", group,
-           "--run.name", f"{bandwidth}-{codec}-c{chunks}", "--run.codec", CODECS[codec], "--run.wandb", "offline",
-           "--trainer.callbacks+=experiments.bench_link.WireBytes", *extra]
-    return [sys.executable, "-m", "splitlit.link", "--bandwidth", bandwidth, "--stats", str(stats), "--", *fit]
+           "--run.name", name or f"{bandwidth}-{codec}-c{chunks}", "--run.codec", CODECS[codec],
+           "--run.wandb", "offline", "--trainer.callbacks+=experiments.bench_link.WireBytes", *extra]
+    link = ["--bandwidth", bandwidth]
+    if delay_ms is not None:
+        link += ["--delay", f"{delay_ms:g}ms", "--emulator", "delayline"]
+    for item in sysctls:
+        link += ["--sysctl", item]
+    return [sys.executable, "-m", "splitlit.link", *link, "--stats", str(stats), "--", *fit]
+
+
+def parse_delay_list(text: str) -> list[float]:
+    """``"0,10,25,50ms"`` -> [0, 10, 25, 50] ms: a value without a unit takes the last value's unit."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    unit = next((p.lstrip("0123456789.") for p in reversed(parts) if p.lstrip("0123456789.")), "ms")
+    try:
+        return [parse_delay(p if p.lstrip("0123456789.") else p + unit, "--delays") * 1e3 for p in parts]
+    except LinkError as err:
+        raise SystemExit(f"experiments.bench_link: {err}") from err
+
+
+def batch_bound(*, client_s: float, server_s: float, up_bytes: float, down_bytes: float, up_bps: float,
+                down_bps: float, delay_s: float, chunks: int) -> float:
+    """The shortest time a batch can take: the busiest stage, the fill and drain, four one-way delays.
+
+    ``up_bytes`` / ``down_bytes``: payload per batch client -> server (up activations, down gradients) and server
+    -> client (up gradients, down activations); they occupy the link at ``WIRE_PER_PAYLOAD`` times their size.
+    """
+    stages = [client_s, server_s, up_bytes * 8 * WIRE_PER_PAYLOAD / up_bps,
+              down_bytes * 8 * WIRE_PER_PAYLOAD / down_bps]
+    busiest = max(stages)
+    return busiest + (sum(stages) - busiest) / chunks + 4 * delay_s
+
+
+def delay_rows(out: Path, links: list[tuple[str, str, float]], codecs: list[str],
+               chunks: list[int]) -> list[dict[str, Any]]:
+    """One row per finished run of the delay sweep: time per batch, its parts, the bound and the ratio to it.
+
+    ``links``: (bandwidth, the runs' folder name, one-way delay in ms); a folder name ending in ``_sysctl`` (runs
+    with ``--sysctl``) labels its rows ``<bandwidth>_sysctl``."""
+    rows = []
+    for bandwidth, link_name, delay_ms in links:
+        label = bandwidth + ("_sysctl" if link_name.endswith("_sysctl") else "")
+        for codec in codecs:
+            for n in chunks:
+                run = out / link_name / f"{link_name}-{codec}-c{n}"
+                if not (run / "summary.json").is_file():
+                    continue
+                s = json.loads((run / "summary.json").read_text())
+                link = json.loads((run / "run.json").read_text()).get("link") or {}
+                per_chunk = lambda flow: s.get(f"link/{flow}_bytes_per_chunk_run", 0.0) * n  # noqa: E731
+                up = per_chunk("up_activation") + per_chunk("down_gradient")
+                down = per_chunk("up_gradient") + per_chunk("down_activation")
+                client, server = s["time/compute_client_s_run"], s["time/compute_server_s_run"]
+                bound = batch_bound(client_s=client, server_s=server, up_bytes=up, down_bytes=down,
+                                    up_bps=link["up_mbit"] * 1e6, down_bps=link["down_mbit"] * 1e6,
+                                    delay_s=delay_ms / 1e3, chunks=n)
+                rows.append({"bandwidth": label, "delay_ms": delay_ms, "rtt_ms": link.get("probe_rtt_ms"),
+                             "codec": codec, "chunks": n, "time_per_batch_s": s["time/batch_s_run"],
+                             "client_s": client, "server_s": server, "up_MB": up / 1e6, "down_MB": down / 1e6,
+                             "bound_s": bound, "ratio": s["time/batch_s_run"] / bound})
+    return rows
+
+
+def _delay_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| bandwidth | one-way delay (ms) | measured RTT (ms) | codec | chunks | time per batch (s) | client (s) "
+             "| server (s) | up MB | down MB | bound (s) | time / bound |", "|---" * 12 + "|"]
+    for r in rows:
+        rtt = f"{r['rtt_ms']:.1f}" if r["rtt_ms"] is not None else "-"
+        lines.append(f"| {r['bandwidth']} | {r['delay_ms']:g} | {rtt} | {CODECS[r['codec']]} | {r['chunks']} "
+                     f"| {r['time_per_batch_s']:.3f} | {r['client_s']:.3f} | {r['server_s']:.3f} | {r['up_MB']:.2f} "
+                     f"| {r['down_MB']:.2f} | {r['bound_s']:.3f} | {r['ratio']:.2f} |")
+    piped = [r for r in rows if r["chunks"] == max(x["chunks"] for x in rows)]
+    lines += ["", f"chunks {piped[0]['chunks'] if piped else '-'}: {sum(r['ratio'] <= 1.10 for r in piped)} of "
+                  f"{len(piped)} rows within 1.10x of their bound (the goal)."]
+    return "\n".join(lines) + "\n"
+
+
+def _delay_figures(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """Time per batch against the round trip, one line per chunk count, per bandwidth and codec."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for bandwidth, codec in sorted({(r["bandwidth"], r["codec"]) for r in rows}):
+        fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+        for n in sorted({r["chunks"] for r in rows}):
+            mine = sorted((r for r in rows if (r["bandwidth"], r["codec"], r["chunks"]) == (bandwidth, codec, n)),
+                          key=lambda r: r["delay_ms"])
+            if mine:
+                rtts = [2 * r["delay_ms"] for r in mine]
+                line, = ax.plot(rtts, [r["time_per_batch_s"] for r in mine], marker="o", label=f"chunks {n}")
+                ax.plot(rtts, [r["bound_s"] for r in mine], ls=":", color=line.get_color())
+        ax.set(xlabel="round trip (ms, twice the one-way delay)", ylabel="time per batch (s)",
+               title=f"{bandwidth}, {CODECS[codec]}: measured (solid) and bound (dotted)")
+        ax.legend()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"time_vs_rtt_{bandwidth}_{codec}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 def check_goals(tables: dict[str, pd.DataFrame], wire: dict[str, float]) -> list[dict[str, Any]]:
@@ -166,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bandwidths", nargs="+", default=["10mbit", "100mbit"])
     parser.add_argument("--codecs", nargs="+", default=list(CODECS), choices=list(CODECS))
     parser.add_argument("--chunks", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--delays", type=parse_delay_list, default=None,
+                        help="one-way delays, e.g. 0,10,25,50ms: each run over the delay line once per delay")
+    parser.add_argument("--sysctl", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed to splitlit.link (both namespaces), e.g. net.ipv4.tcp_slow_start_after_idle=0; "
+                             "the runs' folders get '_sysctl' appended")
     parser.add_argument("--report-only", action="store_true", help="only redraw the report and goals from --out")
     parser.add_argument("--rerun", action="store_true", help="repeat runs that finished in --out already")
     args = parser.parse_args(argv)
@@ -173,24 +294,38 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true",
                PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
     started = time.monotonic()
+    # (bandwidth, the folder and run-name stem of its link, one-way delay in ms or None)
+    tag = "_sysctl" if args.sysctl else ""
+    links = [(b, (b if d is None else f"{b}_{d:g}ms") + tag, d) for b in args.bandwidths
+             for d in (args.delays or [None])]
     if not args.report_only:
-        runs = [(b, c, n) for b in args.bandwidths for c in args.codecs for n in args.chunks]
-        for i, (bandwidth, codec, chunks) in enumerate(runs, 1):
-            stats = out / "link" / f"{bandwidth}-{codec}-c{chunks}.json"
-            summary = out / bandwidth / f"{bandwidth}-{codec}-c{chunks}" / "summary.json"
+        runs = [(link, c, n) for link in links for c in args.codecs for n in args.chunks]
+        for i, ((bandwidth, link_name, delay_ms), codec, chunks) in enumerate(runs, 1):
+            name = f"{link_name}-{codec}-c{chunks}"
+            stats = out / "link" / f"{name}.json"
+            summary = out / link_name / name / "summary.json"
             if not args.rerun and summary.is_file() and "time/batch_s_run" in json.loads(summary.read_text()):
-                print(f"[{i}/{len(runs)}] {bandwidth}-{codec}-c{chunks}: done already (--rerun to repeat)")
+                print(f"[{i}/{len(runs)}] {name}: done already (--rerun to repeat)")
                 continue
-            cmd = run_command(bandwidth=bandwidth, codec=codec, chunks=chunks, root=out / bandwidth,
-                              group=f"bench_link-{bandwidth}", stats=stats, extra=extra)
+            cmd = run_command(bandwidth=bandwidth, codec=codec, chunks=chunks, root=out / link_name,
+                              group=f"bench_link-{link_name}", stats=stats, extra=extra, delay_ms=delay_ms, name=name,
+                              sysctls=args.sysctl)
             print(f"[{i}/{len(runs)}] {time.monotonic() - started:.0f} s: {shlex.join(cmd)}", flush=True)
-            log = out / "logs" / f"{bandwidth}-{codec}-c{chunks}.log"
+            log = out / "logs" / f"{name}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             with log.open("w") as f:
                 code = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
             if code != 0:
                 print(f"experiments.bench_link: run failed (exit {code}); see {log}", file=sys.stderr)
                 return 1
+    if args.delays is not None:
+        rows = delay_rows(out, links, args.codecs, args.chunks)
+        text = _delay_markdown(rows)
+        (out / "delay.md").write_text(text)
+        figures = _delay_figures(rows, out / "report")
+        print(text + f"\n{len(rows)} runs; {time.monotonic() - started:.0f} s; figures: "
+                     f"{', '.join(str(f) for f in figures)}")
+        return 0
     for bandwidth in args.bandwidths:
         code = subprocess.run([sys.executable, "-m", "experiments.report", str(out / bandwidth),
                                "--out", str(out / "report" / bandwidth)], cwd=REPO, env=env).returncode

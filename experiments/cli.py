@@ -199,7 +199,9 @@ def _default_loggers(settings: RunSettings, run: dict[str, Any], root: str) -> l
 
 
 class _SaveRunConfig(Callback):
-    """Writes ``run.json`` (the run config W&B gets) into the run folder, from the client only."""
+    """Writes ``run.json`` (the run config W&B gets) into the run folder, from the client only, and the emulated
+    link as set and as measured (``emulated_link/up_mbit``, ``.../rtt_ms``, ``.../delay_ms``, ...) into
+    ``summary.json``, so a figure can be read with the link it was made on."""
 
     def __init__(self, run: dict[str, Any]) -> None:
         self.run = run
@@ -212,6 +214,17 @@ class _SaveRunConfig(Callback):
         folder = Path(csv.log_dir)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / RUN_FILE).write_text(json.dumps(_json_safe(self.run), indent=1) + "\n")
+        link = self.run.get("link") or {}
+        measured = {f"emulated_link/{k}": v for k, v in link.items() if k in _LINK_SUMMARY and v is not None}
+        if measured:
+            summary = folder / "summary.json"
+            values = json.loads(summary.read_text()) if summary.is_file() else {}
+            summary.write_text(json.dumps({**values, **measured}, indent=1, sort_keys=True) + "\n")
+
+
+# What of the link goes into summary.json: its settings and the probe's measurements (see splitlit.link).
+_LINK_SUMMARY = ("up_mbit", "down_mbit", "delay_ms", "jitter_ms", "loss_pct", "probe_up_mbit", "probe_down_mbit",
+                 "probe_rtt_ms", "probe_up_delay_ms", "probe_down_delay_ms")
 
 
 def _run_name(explicit: str | None, stem: str) -> str:

@@ -1,14 +1,19 @@
-"""``splitlit.link``: the settings, the shaped link itself, its cleanup, and training over it when things fail.
+"""``splitlit.link``: the settings, the delay line's model (fake clock), the shaped link and the delay line
+themselves, their cleanup, and training over them, also when things fail.
 
-The slow tests need root and iproute2 (as in CI); each runs the link command in a subprocess with a timeout and
-removes the namespaces that command made, even when the test fails.
+The slow tests need root, iproute2 and /dev/net/tun (as in CI); each is bounded in time (a subprocess with a
+timeout, or ``pytest.mark.timeout``) and removes the namespaces it made, even when it fails.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import random
+import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -17,8 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from splitlit import link
-from splitlit.link import LinkError, LinkSpec, ShapedLink, parse_delay, parse_rate, with_trainer_args
+from splitlit.link import netns, probe
+from splitlit.link import shaped as shaped_module
+from splitlit.link import LINK_ENV, LinkError, LinkSpec, ShapedLink, parse_delay, parse_rate, with_trainer_args
+from splitlit.link.__main__ import main as link_main
+from splitlit.link.delay import DelayQueue
+from splitlit.link.units import parse_delays, parse_percent, parse_size
 from tests.twoproc import REPO, SHARED_DATA, Result
 
 CIFAR_WEIGHTS = SHARED_DATA / "weights" / "mobilenet_v2-b0353104.pth"
@@ -39,26 +48,127 @@ def test_bad_rates_are_refused(text):
         parse_rate(text)
 
 
-def test_delays_parse_and_bad_ones_are_refused():
-    """--delay takes us, ms or s; anything else says how to write it."""
-    assert parse_delay("20ms") == pytest.approx(0.02)
-    assert parse_delay(None) == 0.0
-    with pytest.raises(LinkError, match="give a duration such as 20ms"):
-        parse_delay("20 parsecs")
+def test_delays_losses_and_limits_parse_as_netem_users_write_them():
+    """--delay takes us, ms or s (a list: one per client link), --loss a percentage, --limit bytes in tc's units."""
+    assert parse_delay("20ms") == pytest.approx(0.02) and parse_delay("500us") == pytest.approx(5e-4)
+    assert parse_delay(None) == 0.0 and parse_delay("0") == 0.0
+    assert parse_delays("5ms,80ms", clients=2) == pytest.approx([0.005, 0.08])
+    assert parse_delays("5ms", clients=3) == pytest.approx([0.005] * 3)
+    assert parse_percent("0.1%") == pytest.approx(0.001) and parse_percent(None) == 0.0
+    assert parse_size("64kb") == 65536 and parse_size("100000") == 100000 and parse_size(None) is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--delay", "-5ms"], r"--delay '-5ms' is negative: a delay is 0 or more, e\.g\. 25ms"),
+    (["--delay", "25"], r"--delay '25' has no unit: write 25ms"),
+    (["--delay", "20 parsecs"], r"--delay '20 parsecs': unknown unit 'parsecs'; use us, ms or s"),
+    (["--loss", "150%"], r"--loss '150%' is outside \[0, 100%\): give e\.g\. 0\.1%"),
+    (["--loss", "0.01"], r"--loss '0\.01': write it as a percentage with %, e\.g\. 0\.01%"),
+    (["--delay", "25ms", "--jitter", "30ms"], r"--jitter 30ms is larger than --delay 25ms: .* at most the delay"),
+    (["--delay", "5ms,80ms"], r"--delay '5ms,80ms' gives 2 delays for 1 client link: .*exactly one per client"),
+    (["--limit", "10kbit"], r"--limit '10kbit': unknown unit 'kbit'; give bytes with b, kb or mb"),
+    (["--bandwidth", "10mbps"], r"--bandwidth '10mbps': .* refused here to avoid an 8x mistake"),
+    (["--up", "5mbit"], r"give --bandwidth \(both directions\), or both --up and --down"),
+    (["--sysctl", "foo"], r"--sysctl 'foo': give KEY=VALUE, e\.g\. net\.ipv4\.tcp_slow_start_after_idle=0"),
+])
+def test_bad_link_settings_name_the_value_and_the_fix(args, message, capsys):
+    """Each bad setting exits 2 before anything is made, naming the option, the value and how to write it."""
+    if "--bandwidth" not in args and "--up" not in args:
+        args = ["--bandwidth", "10mbit", *args]
+    assert link_main([*args, "--", "true"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_without_dev_net_tun_the_delay_line_says_what_to_do(monkeypatch):
+    """The delay line needs /dev/net/tun: its absence is named with the two usual fixes."""
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netns.shutil, "which", lambda tool: f"/sbin/{tool}")
+    monkeypatch.setattr(netns.os.path, "exists", lambda path: path != "/dev/net/tun")
+    netns.check_requirements()  # tbf does not need it
+    with pytest.raises(LinkError, match=r"needs /dev/net/tun.*modprobe tun.*--device /dev/net/tun"):
+        netns.check_requirements(tun=True)
+
+
+def test_delay_jitter_or_loss_choose_the_delay_line_and_the_queue_defaults_to_the_bdp():
+    """auto: tbf for a rate alone, the delay line with a delay, jitter or loss; queue = max(BDP, 50 ms) per way."""
+    assert LinkSpec(bandwidth_bps=10**7).mode == "tbf"
+    spec = LinkSpec(up_bps=5 * 10**6, down_bps=10**8, delay_s=0.025, loss=0.001)
+    assert spec.mode == "delayline" and LinkSpec(bandwidth_bps=10**7, loss=0.01).mode == "delayline"
+    assert spec.limit("up") == 5 * 10**6 // 8 * 0.05 and spec.limit("down") == 10**8 // 8 * 0.05  # BDP = 50 ms
+    assert LinkSpec(bandwidth_bps=10**7, delay_s=0.1).limit("up") == 250_000  # 200 ms round trip
+    settings = spec.describe()
+    assert (settings["bandwidth"], settings["delay_ms"], settings["loss_pct"], settings["emulator"]) == (
+        "5mbit up, 100mbit down", 25.0, 0.1, "delayline")
+    assert LinkSpec(bandwidth_bps=10**7, sysctls=(("net.ipv4.tcp_slow_start_after_idle", "0"),)).describe()[
+        "sysctls"] == {"net.ipv4.tcp_slow_start_after_idle": "0"}
+    with pytest.raises(LinkError, match="--emulator tbf shapes the rate only"):
+        LinkSpec(bandwidth_bps=10**7, delay_s=0.01, emulator="tbf")
+    with pytest.raises(LinkError, match=r"--limit 1000 bytes is less than one packet \(--mtu 1500\)"):
+        LinkSpec(bandwidth_bps=10**7, delay_s=0.01, limit_bytes=1000)
+
+
+# -- fast: the delay line's model, on a fake clock -------------------------------------------------------------------
+def test_a_packet_arrives_after_its_serialisation_plus_the_delay_and_waits_for_the_one_ahead():
+    """8 Mbit/s is 1 byte/us: 1000-byte packets sent together leave 1 ms apart and arrive delay_s after that."""
+    line = DelayQueue(rate_bps=8e6, delay_s=0.010, overhead=0)
+    assert all(line.push(bytes(1000), now=0.0) for _ in range(3))
+    assert line.next_due() == pytest.approx(0.011)
+    assert line.pop_due(0.0109) == [] and len(line.pop_due(0.0111)) == 1
+    assert len(line.pop_due(0.0131)) == 2 and line.next_due() is None
+    line.push(bytes(1000), now=1.0)  # an idle line: no wait
+    assert line.next_due() == pytest.approx(1.011)
+
+
+def test_the_queue_limit_drops_at_the_tail_and_counts_only_what_waits_to_be_sent():
+    """A full buffer drops the newcomer; packets already sent (in flight for the delay) do not fill it."""
+    line = DelayQueue(rate_bps=8e6, delay_s=0.5, limit_bytes=2500, overhead=0)
+    assert [line.push(bytes(1000), now=0.0) for _ in range(3)] == [True, True, False]
+    assert line.backlog(0.0) == 2000 and line.stats.dropped == 1
+    assert line.push(bytes(1000), now=0.0011)  # the first has left: 1000 + 1000 fit in 2500
+    assert line.backlog(0.0031) == 0 and len(line) == 3  # all sent, all still in flight
+    assert line.push(bytes(1000), now=0.0031) and line.push(bytes(1000), now=0.0031)
+
+
+def test_jitter_spreads_spaced_packets_uniformly_and_never_reorders_a_burst():
+    """Packets 20 ms apart see delay +- jitter uniformly; a burst keeps its order (arrivals never decrease)."""
+    rng = random.Random(1)
+    line = DelayQueue(rate_bps=1e9, delay_s=0.010, jitter_s=0.005, overhead=0, rng=rng)
+    delays = []
+    for i in range(2000):
+        line.push(bytes(100), now=0.02 * i)
+        delays.append(line.next_due() - 0.02 * i)
+        line.pop_due(0.02 * i + 0.016)
+    assert 0.005 <= min(delays) and max(delays) <= 0.0151
+    assert statistics.mean(delays) == pytest.approx(0.010, abs=3e-4)
+    assert statistics.pstdev(delays) == pytest.approx(0.005 / 3**0.5, rel=0.08)  # uniform: half-width / sqrt(3)
+    burst = DelayQueue(rate_bps=1e8, delay_s=0.010, jitter_s=0.005, rng=rng)
+    for i in range(1000):
+        burst.push(i.to_bytes(4, "big") + bytes(96), now=1e-4 * i)
+    arrivals = [t for t, _ in burst._in_flight]
+    assert arrivals == sorted(arrivals) and all(t - 1e-4 * i >= 0.005 for i, t in enumerate(arrivals))
+    assert [int.from_bytes(p[:4], "big") for p in burst.pop_due(10.0)] == list(range(1000))
+
+
+def test_random_loss_drops_the_fraction_asked_for():
+    """20,000 packets at 5% loss: the lost fraction within 4 binomial standard deviations (+-0.0062)."""
+    line = DelayQueue(rate_bps=1e9, loss=0.05, rng=random.Random(7))
+    kept = sum(line.push(bytes(100), now=1e-5 * i) for i in range(20_000))
+    assert line.stats.lost == 20_000 - kept
+    assert abs(line.stats.lost / 20_000 - 0.05) < 4 * (0.05 * 0.95 / 20_000) ** 0.5
 
 
 def test_without_root_the_error_says_so(monkeypatch):
     """A non-root user is told root (or the capabilities) is needed, and how to run it."""
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(LinkError, match=r"needs root .* running as uid 1000\. Run it with sudo"):
-        link.check_requirements()
+        netns.check_requirements()
 
 
 def test_without_ip_or_tc_the_error_names_them(monkeypatch):
     """Missing iproute2 tools are named, with the package to install."""
-    monkeypatch.setattr(link.shutil, "which", lambda tool: None if tool == "tc" else "/sbin/ip")
+    monkeypatch.setattr(netns.shutil, "which", lambda tool: None if tool == "tc" else "/sbin/ip")
     with pytest.raises(LinkError, match=r"not found on PATH: tc\. Install iproute2"):
-        link.check_requirements()
+        netns.check_requirements()
 
 
 def test_lightning_cli_commands_become_two_node_commands():
@@ -71,7 +181,7 @@ def test_lightning_cli_commands_become_two_node_commands():
 
 
 def test_link_settings_describe_what_was_emulated():
-    """The run config names the rate, the qdisc, the addresses, and that latency is not emulated."""
+    """The run config names the rate, the qdisc, the addresses, and that latency is not emulated (tbf)."""
     settings = LinkSpec(bandwidth_bps=10**8).describe()
     assert settings["bandwidth"] == "100mbit" and settings["rate_mbit"] == 100.0 and settings["qdisc"] == "tbf"
     assert settings["latency"].startswith("not emulated")
@@ -83,15 +193,18 @@ def test_probe_measures_a_stalled_direction_again_and_keeps_the_best(monkeypatch
     measured = {("client", "server"): [11.0, 19.1, 5.0], ("server", "client"): [12.4, 8.0, 15.5]}
     calls = []
 
-    def stream(self, sender, receiver, nbytes, seconds):
+    def stream(link, sender, receiver, nbytes, seconds):
         calls.append((sender, receiver, nbytes))
         return measured[(sender, receiver)].pop(0)
 
-    monkeypatch.setattr(ShapedLink, "_stream", stream)
+    monkeypatch.setattr(shaped_module, "probe_rates", probe.probe_rates)
+    monkeypatch.setattr(probe, "stream_rate", stream)
+    monkeypatch.setattr(shaped_module, "ping", lambda link, count: {"rtt_ms": 50.2})
     shaped = ShapedLink(LinkSpec(bandwidth_bps=20 * 10**6))  # nothing is made before ``with``
-    assert shaped.probe(seconds=0.5) == {"up_mbit": 19.1, "down_mbit": 15.5, "bytes": 1_250_000}
+    assert shaped.probe(seconds=0.5) == {"up_mbit": 19.1, "down_mbit": 15.5, "up_bytes": 1_250_000,
+                                         "down_bytes": 1_250_000, "rtt_ms": 50.2}
     assert calls == [("client", "server", 1_250_000)] * 2 + [("server", "client", 1_250_000)] * 3
-    assert shaped.describe()["probe_down_mbit"] == 15.5
+    assert shaped.describe()["probe_down_mbit"] == 15.5 and shaped.describe()["probe_rtt_ms"] == 50.2
     with pytest.raises(ValueError, match=r"probe\(tries=0\): give at least 1 try"):
         shaped.probe(tries=0)
 
@@ -114,10 +227,21 @@ def test_receives_are_posted_before_the_sends_they_would_queue_behind(order):
         assert not any(k in (C.RECV_F, C.RECV_B) and p in (C.SEND_F, C.SEND_B) for p, k in zip(kinds, kinds[1:]))
 
 
+def test_the_bound_of_a_batch_is_the_busiest_stage_plus_fill_plus_four_delays():
+    """chunks 1: every stage in turn; many chunks: the busiest stage; both plus four one-way delays."""
+    from experiments.bench_link import WIRE_PER_PAYLOAD, batch_bound, parse_delay_list
+
+    stages = dict(client_s=1.0, server_s=2.0, up_bytes=1e6 / WIRE_PER_PAYLOAD, down_bytes=5e5 / WIRE_PER_PAYLOAD,
+                  up_bps=8e6, down_bps=8e6, delay_s=0.025)  # links: 1 s up, 0.5 s down
+    assert batch_bound(**stages, chunks=1) == pytest.approx(1 + 2 + 1 + 0.5 + 0.1)
+    assert batch_bound(**stages, chunks=10) == pytest.approx(2 + 2.5 / 10 + 0.1)
+    assert parse_delay_list("0,10,25,50ms") == [0, 10, 25, 50]
+
+
 # -- slow: the link itself ----------------------------------------------------------------------------------------
 def _namespaces(owner: int | None = None) -> list[str]:
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout.split("\n")
-    prefix = f"{link.NS_PREFIX}{owner}-" if owner is not None else link.NS_PREFIX
+    prefix = f"{netns.NS_PREFIX}{owner}-" if owner is not None else netns.NS_PREFIX
     return [n.split(" ")[0] for n in names if n.startswith(prefix)]
 
 
@@ -126,7 +250,7 @@ def _link_command(args: list[str], *, env: dict[str, str] | None = None):
     """``python -m splitlit.link ARGS`` started in its own session; whatever it leaves behind is removed after."""
     full_env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
                     WANDB_MODE="offline", WANDB_SILENT="true", **(env or {}))
-    for key in ("NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", link.LINK_ENV):
+    for key in ("NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", LINK_ENV):
         full_env.pop(key, None)
     proc = subprocess.Popen([sys.executable, "-m", "splitlit.link", *args], cwd=REPO, env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -137,7 +261,38 @@ def _link_command(args: list[str], *, env: dict[str, str] | None = None):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
         for name in _namespaces(proc.pid):  # only if the command itself failed to clean up
-            link._remove_netns(name)
+            netns.remove_netns(name)
+
+
+@contextmanager
+def _forked_launcher(args: list[str], log: Path):
+    """``python -m splitlit.link ARGS`` run by a fork of this process (no second start of Python, torch and
+    Lightning: seconds per test), its output in ``log``; killed, and whatever it left removed, after the block."""
+    proc = multiprocessing.get_context("fork").Process(target=_launch, args=(args, str(log)))
+    proc.start()
+    try:
+        yield proc
+    finally:
+        if proc.is_alive():
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(30)
+        for name in _namespaces(proc.pid):
+            netns.remove_netns(name)
+
+
+def _launch(args: list[str], log: str) -> None:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
+    os.chdir(REPO)
+    os.environ.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", WANDB_MODE="offline",
+                      WANDB_SILENT="true")
+    for key in ("NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", LINK_ENV):
+        os.environ.pop(key, None)
+    code = link_main(args)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def _finish(proc: subprocess.Popen, timeout: float) -> Result:
@@ -212,7 +367,7 @@ def test_cleanup_removes_what_a_killed_run_left():
     """--cleanup removes the namespaces of a run whose process is gone, and only those."""
     gone = subprocess.Popen(["true"])
     gone.wait()
-    stale = f"{link.NS_PREFIX}{gone.pid}-0-client"
+    stale = f"{netns.NS_PREFIX}{gone.pid}-0-client"
     subprocess.run(["ip", "netns", "add", stale], check=True)
     try:
         with _link_command(["--cleanup"]) as proc:
@@ -221,20 +376,97 @@ def test_cleanup_removes_what_a_killed_run_left():
         assert stale not in _namespaces()
     finally:
         if stale in _namespaces():
-            link._remove_netns(stale)
+            netns.remove_netns(stale)
 
 
 @pytest.mark.slow
-def test_delay_needs_netem_and_says_so():
-    """--delay works where the kernel has netem; where it has not (this kernel) it fails clearly, leaving nothing."""
-    with _link_command(["--bandwidth", "10mbit", "--delay", "5ms", "--probe-seconds", "0", "--", "true"]) as proc:
-        result = _finish(proc, 60)
-        assert not _namespaces(proc.pid)
-    if result.returncode == 0:
-        assert "client exited 0, server exited 0" in result.output
+@pytest.mark.timeout(60)
+def test_netem_is_used_where_the_kernel_has_it_and_its_absence_is_explained():
+    """--emulator netem works where the kernel has sch_netem; where not (this one) it fails clearly, leaving nothing."""
+    try:
+        with ShapedLink(LinkSpec(bandwidth_bps=10**7, delay_s=0.005, emulator="netem")) as shaped:
+            made = list(shaped.netns.values())
+    except LinkError as err:
+        assert "--emulator netem needs tc's netem qdisc" in str(err) and "leave --emulator out" in str(err)
     else:
-        assert result.returncode == 2
-        assert "--delay needs tc's netem qdisc" in result.output and "Latency cannot be emulated" in result.output
+        assert not set(made) & set(_namespaces())
+    assert not _namespaces(os.getpid())
+
+
+# -- slow: the delay line ----------------------------------------------------------------------------------------
+PAYLOAD = 1448 / 1514  # TCP payload per Ethernet frame at MTU 1500 (timestamps on): what the probe's streams carry
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_delay_line_round_trip_and_asymmetric_rates():
+    """10 Mbit/s up, 100 Mbit/s down, 25 ms each way: round trip within 10% + 1 ms of 50 ms, each one-way delay within
+    10% + 0.5 ms of 25 ms (3 ms), and each direction's TCP rate within 10% of its rate's payload.
+
+    Each stream carries 1.5 s at its rate (1.9 MB up, 19 MB down) and is timed over its second half: slow start
+    from 10 segments needs ~3 round trips (150 ms) to fill 10 Mbit/s x 50 ms, ~5 (250 ms) to fill 100 Mbit/s.
+    """
+    spec = LinkSpec(up_bps=10**7, down_bps=10**8, delay_s=0.025, seed=0)
+    try:
+        with ShapedLink(spec) as shaped:
+            probed = shaped.probe(seconds=1.5)
+        report = shaped.delayline_report
+    finally:
+        for name in _namespaces(os.getpid()):
+            netns.remove_netns(name)
+    assert abs(probed["rtt_ms"] - 50) <= 0.1 * 50 + 1, probed
+    assert abs(probed["up_delay_ms"] - 25) <= 3 and abs(probed["down_delay_ms"] - 25) <= 3, probed
+    assert abs(probed["up_mbit"] / (10 * PAYLOAD) - 1) <= 0.10, probed
+    assert abs(probed["down_mbit"] / (100 * PAYLOAD) - 1) <= 0.10, probed
+    assert report["up"]["lost"] == 0 and report["cpu_s"] > 0, report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_delay_line_loses_the_fraction_asked_for_never_reorders_and_spreads_delays():
+    """10% loss, 10 ms +- 5 ms: of 2,000 datagrams (one every 0.2 ms) the lost fraction is within 4 binomial
+    standard deviations of 10% (+-2.7 points); none overtakes another; 150 datagrams 12 ms apart (more than twice
+    the jitter: none is held back by the one ahead) are never early, and their delays spread as a uniform one over
+    [5, 15] ms does: median 10 ms, 10th percentile under 7.5 ms (uniform: 6), 90th over 12.5 ms (uniform: 14).
+    The upper bounds allow 1.5 ms of lateness: the delay line is a process a busy host may schedule late."""
+    spec = LinkSpec(bandwidth_bps=10**8, delay_s=0.010, jitter_s=0.005, loss=0.10, seed=1)
+    try:
+        with ShapedLink(spec) as shaped:
+            burst = probe.datagrams(shaped, "client", "server", 2000, interval=2e-4)
+            spaced = probe.datagrams(shaped, "server", "client", 150, interval=0.012)
+    finally:
+        for name in _namespaces(os.getpid()):
+            netns.remove_netns(name)
+    lost = 1 - len(burst) / 2000
+    assert abs(lost - 0.10) <= 4 * (0.1 * 0.9 / 2000) ** 0.5, lost
+    order = [seq for seq, _ in burst]
+    assert order == sorted(order), "a datagram overtook another"
+    delays = sorted(d for _, d in spaced)
+    assert [seq for seq, _ in spaced] == sorted(seq for seq, _ in spaced)
+    tenth, median, ninetieth = (delays[int(q * (len(delays) - 1))] for q in (0.1, 0.5, 0.9))
+    assert delays[0] >= 0.0049 and abs(median - 0.010) <= 0.0015, delays  # never early; late by scheduling only
+    assert tenth <= 0.0075 and 0.0125 <= ninetieth <= 0.0165, delays  # uniform: 6 ms and 14 ms
+
+
+@pytest.mark.slow
+def test_a_killed_launcher_leaves_nothing_behind(tmp_path):
+    """kill -9 of the launcher: the ranks and the delay line die with it, and the delay line removes the namespaces."""
+    with _forked_launcher(["--bandwidth", "10mbit", "--delay", "10ms", "--probe-seconds", "0", "--",
+                           "sleep", "60"], tmp_path / "log") as proc:
+        deadline = time.monotonic() + 60
+        children: list[str] = []
+        while len(children) < 3 and time.monotonic() < deadline:  # the delay line and the two ranks
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            time.sleep(0.2)
+        assert len(children) == 3, "the delay line and both ranks never started"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(30)
+        deadline = time.monotonic() + 20
+        while (_namespaces(proc.pid) or any(Path(f"/proc/{c}").exists() for c in children)) and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _namespaces(proc.pid), "the namespaces were left behind"
+        assert not [c for c in children if Path(f"/proc/{c}").exists()], "a rank or the delay line survived"
 
 
 # -- slow: training over the link ----------------------------------------------------------------------------------
@@ -267,6 +499,9 @@ def test_killed_server_then_resume_over_the_link(tmp_path):
     run = tmp_path / "runs" / "killed"
     settings = json.loads((run / "run.json").read_text())["link"]  # the run config W&B gets, beside metrics.csv
     assert settings["bandwidth"] == "100mbit" and 80 < settings["probe_up_mbit"] < 101
+    assert settings["probe_rtt_ms"] < 5  # tbf: the veth's round trip
+    summary = json.loads((run / "summary.json").read_text())  # the measured link beside the run's figures
+    assert summary["emulated_link/probe_up_mbit"] == settings["probe_up_mbit"]
     last = run / "checkpoints" / "last.ckpt"
     assert last.is_file(), sorted(p.name for p in run.rglob("*"))
 
@@ -295,3 +530,37 @@ def test_a_link_too_slow_for_the_timeout_fails_clearly():
     assert "took longer than the timeout of 3 s" in result.output, result.output[-4000:]
     assert "raise SplitPipelineStrategy(timeout=...)" in result.output
     assert elapsed < 120
+
+
+@pytest.mark.slow
+def test_training_over_a_25ms_link_reaches_the_weights_of_unsplit_training(tmp_path):
+    """Delay changes time, never results: two ranks over 100 Mbit/s with 25 ms each way end with the weights a
+    single process gets from the same seed and data (the same operations in the same order; the tolerance covers
+    only float summation order, which the split does not change here)."""
+    import lightning as L
+    import torch
+    import torch.nn.functional as F
+
+    from tests.scripts.link_wide import Wide
+
+    save, log = tmp_path / "w", tmp_path / "log"
+    with _forked_launcher(["--bandwidth", "100mbit", "--delay", "25ms", "--probe-seconds", "0", "--",
+                           sys.executable, "tests/scripts/link_wide.py", "--save", str(save)], log) as proc:
+        proc.join(240)
+        output = log.read_text()
+        assert proc.exitcode == 0, output[-4000:]
+    assert "25 ms one way (delay line)" in output and "delay line: " in output
+    split = {**torch.load(f"{save}.rank0.pt"), **torch.load(f"{save}.rank1.pt")}
+
+    L.seed_everything(0, verbose=False)  # as link_wide.main: seed, data, then the model
+    x = torch.randn(16, 6)
+    model = Wide()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for xb in x.split(8):
+        opt.zero_grad()
+        F.cross_entropy(model(xb), (xb[:, 0] > 0).long()).backward()
+        opt.step()
+    reference = model.state_dict()
+    assert split.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(split[key], value, rtol=1e-5, atol=1e-6, msg=key)

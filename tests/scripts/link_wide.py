@@ -1,6 +1,7 @@
 """A small U-shaped model with a wide up cut (512 KiB per batch) and almost no server weights, run as two hosts.
 
     python -m splitlit.link --bandwidth 500kbit -- python tests/scripts/link_wide.py --timeout 3
+    python -m splitlit.link --bandwidth 100mbit --delay 25ms -- python tests/scripts/link_wide.py --save /tmp/w
 
 Made to be slower than the strategy's timeout on a slow link: each activation takes seconds to cross, while the
 setup (the server's few weights) crosses at once. Trainer(num_nodes=2, devices=1): the link command sets the env.
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--save", help="write each rank's own weights after training to SAVE.rank<N>.pt")
     args = p.parse_args(argv)
     L.seed_everything(0, verbose=False)
     x = torch.randn(8 * args.steps, 6)
@@ -59,7 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     trainer = L.Trainer(accelerator="cpu", num_nodes=2, devices=1, max_steps=args.steps, logger=False,
                         strategy=SplitPipelineStrategy(chunks=1, timeout=args.timeout), enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(Wide(), train)
+    model = Wide()
+    trainer.fit(model, train)
+    if args.save:  # the weights this rank holds (the others are meta tensors here)
+        own = {k: v.detach().clone() for k, v in model.state_dict().items() if not v.is_meta}
+        torch.save(own, f"{args.save}.rank{trainer.global_rank}.pt")
     print(f"rank {trainer.global_rank} finished {trainer.global_step} steps")
 
 

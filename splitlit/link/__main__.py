@@ -1,0 +1,200 @@
+"""``python -m splitlit.link``: the command line that builds the link, probes it and runs the job over it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from splitlit.link.errors import LinkError
+from splitlit.link.job import Interrupted, JobResult, run_two_hosts, with_trainer_args
+from splitlit.link.netns import check_requirements, remove_stale_links
+from splitlit.link.shaped import STOP_SIGNALS, ShapedLink
+from splitlit.link.spec import ROLES, LinkSpec
+from splitlit.link.units import parse_delay, parse_delays, parse_percent, parse_rate, parse_size
+
+__all__ = ["main"]
+
+
+_VALUE_OPTIONS = ("--bandwidth", "--up", "--down", "--delay", "--jitter", "--loss", "--limit")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m splitlit.link", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run a two-rank job (client and server) as two hosts on this machine, joined by an emulated link "
+                    "(rate, and with --delay/--jitter/--loss the userspace delay line).",
+        epilog="examples:\n  sudo python -m splitlit.link --bandwidth 100mbit -- "
+               "python -m experiments.cifar10_mobilenet fit --config experiments/configs/cifar10_small.yaml\n"
+               "  sudo python -m splitlit.link --up 5mbit --down 50mbit --delay 40ms --jitter 5ms --loss 0.1% -- ...")
+    parser.add_argument("--bandwidth", help="rate of both directions, tc units: 100mbit, 1gbit, 500kbit")
+    parser.add_argument("--up", help="client -> server rate (overrides --bandwidth for that direction)")
+    parser.add_argument("--down", help="server -> client rate (overrides --bandwidth for that direction)")
+    parser.add_argument("--delay", default=None, help="one-way delay of each direction, e.g. 25ms (round trip: "
+                                                      "twice it); one value, or one per client link: 5ms,80ms")
+    parser.add_argument("--jitter", default=None, help="each packet's delay varies uniformly within +-jitter "
+                                                       "(at most the delay; packets are never reordered), e.g. 5ms")
+    parser.add_argument("--loss", default=None, help="random loss per packet and direction, e.g. 0.1%%")
+    parser.add_argument("--limit", default=None, help="delay line's queue per direction in bytes (tail drop), "
+                                                      "e.g. 256kb; default one bandwidth-delay product, >= 50 ms")
+    parser.add_argument("--emulator", default="auto", choices=["auto", "tbf", "delayline", "netem"],
+                        help="auto (default): the delay line when --delay/--jitter/--loss is given, tc tbf "
+                             "otherwise; netem needs the kernel's sch_netem")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the delay line's loss and jitter")
+    parser.add_argument("--sysctl", action="append", default=[], metavar="KEY=VALUE",
+                        help="set in both namespaces (repeatable), e.g. net.ipv4.tcp_slow_start_after_idle=0")
+    parser.add_argument("--mtu", type=int, default=1500, help="MTU of the link's interfaces (default 1500)")
+    parser.add_argument("--burst", type=int, default=None, help="tbf bucket in bytes (default max(32 KiB, 2 ms))")
+    parser.add_argument("--queue-ms", type=float, default=50.0, help="tbf queue, in ms at the rate (default 50)")
+    parser.add_argument("--port", type=int, default=29500, help="MASTER_PORT (the namespaces are private)")
+    parser.add_argument("--probe-seconds", type=float, default=1.0,
+                        help="rate probe per direction before the job, seconds at the nominal rate, after 20 "
+                             "round trips (0: no probe)")
+    parser.add_argument("--grace", type=float, default=900.0,
+                        help="seconds the other rank gets to exit after one fails (default 900)")
+    parser.add_argument("--stats", type=Path, help="write the settings, probe, interface counters, the delay "
+                                                   "line's counters and CPU time and the exit codes here (JSON)")
+    parser.add_argument("--no-trainer-args", action="store_true",
+                        help="do not append --trainer.num_nodes 2 --trainer.devices 1 to a LightningCLI command")
+    parser.add_argument("--cleanup", action="store_true",
+                        help="remove namespaces left by splitlit.link runs that were killed, then exit")
+    return parser
+
+
+def _attach_values(argv: list[str]) -> list[str]:
+    """``--delay -5ms`` -> ``--delay=-5ms``: argparse would take ``-5ms`` for an option and hide the value."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in _VALUE_OPTIONS and arg.startswith("-") and arg not in _VALUE_OPTIONS:
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def spec_from_args(args: argparse.Namespace, clients: int = 1) -> LinkSpec:
+    """The link the command line asks for; a :class:`LinkError` names a bad value and how to write it."""
+    if not args.bandwidth and not (args.up and args.down):
+        raise LinkError("give --bandwidth (both directions), or both --up and --down, e.g. --bandwidth 10mbit or "
+                        "--up 5mbit --down 50mbit.")
+    delay = parse_delays(args.delay, clients)[0]  # one client link today: the many-clients launcher takes them all
+    jitter = parse_delay(args.jitter, "--jitter")
+    if jitter > delay:
+        raise LinkError(f"--jitter {args.jitter} is larger than --delay {args.delay or 0}: a packet cannot arrive "
+                        f"before it was sent; give a jitter of at most the delay (e.g. --delay 25ms --jitter 5ms).")
+    sysctls = []
+    for item in args.sysctl:
+        key, _, value = item.partition("=")
+        if not key.strip() or not value.strip():
+            raise LinkError(f"--sysctl {item!r}: give KEY=VALUE, e.g. net.ipv4.tcp_slow_start_after_idle=0.")
+        sysctls.append((key.strip(), value.strip()))
+    return LinkSpec(bandwidth_bps=parse_rate(args.bandwidth) if args.bandwidth else None,
+                    up_bps=parse_rate(args.up, "--up") if args.up else None,
+                    down_bps=parse_rate(args.down, "--down") if args.down else None,
+                    delay_s=delay, jitter_s=jitter, loss=parse_percent(args.loss), limit_bytes=parse_size(args.limit),
+                    emulator=args.emulator, seed=args.seed, mtu=args.mtu, queue_s=args.queue_ms / 1e3,
+                    burst_bytes=args.burst, sysctls=tuple(sysctls))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[argv.index("--") + 1:] if "--" in argv else []
+    parser = _parser()
+    args = parser.parse_args(_attach_values(argv[:argv.index("--")] if "--" in argv else argv))
+    try:
+        if args.cleanup:
+            check_requirements()
+            removed = remove_stale_links()
+            print(f"splitlit.link: removed {len(removed)} stale namespaces" + (f": {', '.join(removed)}" if removed
+                                                                                else ""))
+            return 0
+        spec = spec_from_args(args)
+        if not command:
+            parser.error("give the command after --, e.g. --bandwidth 100mbit -- python -m ...")
+        if not args.no_trainer_args:
+            command = with_trainer_args(command)
+        return _run_job(spec, command, args)
+    except LinkError as err:
+        print(f"splitlit.link: {err}", file=sys.stderr)
+        return 2
+
+
+def _settings_text(spec: LinkSpec) -> str:
+    """``10mbit each way, 25 ms one way +-5 ms, 0.1% loss (delay line)``."""
+    settings = spec.describe()
+    text = settings["bandwidth"] + (" each way" if spec.up_bps == spec.down_bps else "")
+    if spec.delay_s:
+        text += f", {spec.delay_s * 1e3:g} ms one way" + (f" +-{spec.jitter_s * 1e3:g} ms" if spec.jitter_s else "")
+    if spec.loss:
+        text += f", {spec.loss * 100:g}% loss"
+    return text + {"delayline": " (delay line)", "netem": " (netem)", "tbf": " (tbf)"}[spec.mode]
+
+
+def _probe_text(probed: dict[str, Any]) -> str:
+    text = (f"client -> server {probed['up_mbit']:.1f} Mbit/s, server -> client {probed['down_mbit']:.1f} Mbit/s")
+    if "rtt_ms" in probed:
+        text += (f", round trip {probed['rtt_ms']:.1f} ms (one way {probed['up_delay_ms']:.1f} ms up, "
+                 f"{probed['down_delay_ms']:.1f} ms down; median of {probed['pings']} pings"
+                 + (f", {probed['pings_lost']} lost" if probed["pings_lost"] else "") + ")")
+    return text
+
+
+def _delayline_text(report: dict[str, Any]) -> str:
+    def direction(name: str) -> str:
+        d = report[name]
+        return (f"{d['packets'] + d['lost'] + d['dropped']} packets {name} ({d['lost']} lost, {d['dropped']} dropped "
+                f"at the full queue)")
+
+    return (f"delay line: {direction('up')}, {direction('down')}; {report['cpu_s']:.2f} s of CPU in "
+            f"{report['wall_s']:.1f} s ({report['cpu_pct_of_one_core']:.1f}% of one core)")
+
+
+def _run_job(spec: LinkSpec, command: list[str], args: argparse.Namespace) -> int:
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}
+    result = JobResult()
+    stats: dict[str, Any] = {"command": command}
+    try:
+        with ShapedLink(spec, port=args.port) as link:
+            if args.probe_seconds > 0:
+                probed = link.probe(args.probe_seconds)
+                print(f"splitlit.link: {_settings_text(spec)}; probe: {_probe_text(probed)}", flush=True)
+            else:
+                print(f"splitlit.link: {_settings_text(spec)}; not probed", flush=True)
+            print(f"splitlit.link: client {spec.client_addr} ({link.netns['client']}), server {spec.server_addr} "
+                  f"({link.netns['server']}); running: {shlex.join(command)}", flush=True)
+            stats["link"] = link.describe()
+            before = link.counters()
+            try:
+                result = run_two_hosts(link, command, grace=args.grace)
+            finally:
+                after = link.counters()
+                stats["counters"] = {r: {k: after[r][k] - before[r][k] for k in after[r]} for r in ROLES}
+        if link.delayline_report:
+            stats["delayline"] = link.delayline_report
+            print(f"splitlit.link: {_delayline_text(link.delayline_report)}", flush=True)
+    except Interrupted as err:
+        print(f"splitlit.link: interrupted by {err}; both ranks stopped and the link removed.", file=sys.stderr)
+        return 128 + err.signum
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if args.stats:
+            stats.update(exit={"client": result.client, "server": result.server}, seconds=round(result.seconds, 3),
+                         note=result.note)
+            args.stats.parent.mkdir(parents=True, exist_ok=True)
+            args.stats.write_text(json.dumps(stats, indent=1) + "\n")
+    summary = f"splitlit.link: client exited {result.client}, server exited {result.server} in {result.seconds:.1f} s"
+    print(summary + (f" ({result.note})" if result.note else ""), file=sys.stderr if result.returncode else sys.stdout,
+          flush=True)
+    return result.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

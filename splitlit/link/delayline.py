@@ -1,0 +1,201 @@
+"""The userspace delay line: a TUN device in each namespace and one process moving packets between them.
+
+    line = DelayLine(netns={"client": ..., "server": ...}, up=DelayQueue(...), down=DelayQueue(...))
+    line.start()        # forks; returns once both TUN devices exist (address them, bring them up)
+    ...
+    line.stop()         # {"up": {...packets, lost, dropped...}, "down": {...}, "cpu_s": 0.8, "wall_s": 20.1, ...}
+
+For kernels without ``sch_netem`` (and without ``fq``, so no EDT pacing from BPF either): every IP packet the
+client sends to the server leaves through ``sl-client`` (a TUN device), is read by this process, held in the
+``up`` :class:`~splitlit.link.delay.DelayQueue` for its serialisation time at the rate plus the one-way delay,
+and written into ``sl-server``, where the server's kernel receives it; the ``down`` direction is the mirror.
+TCP's acknowledgements cross the same way, so TCP sees the real round trip.
+
+Note: the process
+    It is forked from the launcher (no second Python start, no second import), sets ``PR_SET_PDEATHSIG`` so
+    that the launcher's death (even ``kill -9``) stops it, and then removes the two namespaces itself, so a
+    killed launcher leaves nothing behind. It ignores SIGINT/SIGHUP (the launcher handles those and stops it
+    with SIGTERM). One ``select`` loop: read what is ready (up to 64 packets per device per turn), write what is
+    due, sleep until the next packet is due. Its CPU time is reported by :meth:`DelayLine.stop`.
+    The TUN devices are not persistent: they disappear with the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import json
+import os
+import resource
+import select
+import signal
+import struct
+import sys
+import time
+import traceback
+from typing import Any
+
+from splitlit.link.delay import DelayQueue
+from splitlit.link.errors import LinkError
+from splitlit.link.netns import in_netns, remove_netns
+from splitlit.link.spec import IFNAME
+
+__all__ = ["DelayLine", "open_tun"]
+
+_TUNSETIFF = 0x400454CA
+_IFF_TUN, _IFF_NO_PI = 0x0001, 0x1000
+_PR_SET_PDEATHSIG = 1
+_READ_BATCH = 64
+_READY_TIMEOUT_S = 15.0
+
+
+def open_tun(netns: str, ifname: str) -> int:
+    """A non-blocking fd of a new TUN device ``ifname`` (IP packets, no header) created in namespace ``netns``."""
+    with in_netns(netns):  # the device is made in the namespace of the thread that opens it
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH22x", ifname.encode(), _IFF_TUN | _IFF_NO_PI))
+        except OSError as err:
+            os.close(fd)
+            raise LinkError(f"cannot create the TUN device {ifname} in {netns}: {err}") from err
+    return fd
+
+
+class DelayLine:
+    """The delay line's process, seen from the launcher: :meth:`start`, :meth:`stop`, :attr:`pid`."""
+
+    def __init__(self, *, netns: dict[str, str], up: DelayQueue, down: DelayQueue) -> None:
+        self.netns, self.up, self.down = netns, up, down
+        self.pid: int | None = None
+        self._pipe: int | None = None
+
+    def start(self) -> None:
+        """Fork the process; return once both TUN devices exist, or raise :class:`LinkError` with its error."""
+        read_end, write_end = os.pipe()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child; its behaviour is tested through the link
+            os.close(read_end)
+            code = 1
+            try:
+                code = self._child(write_end, parent)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        self.pid, self._pipe = pid, read_end
+        line = self._read_line(_READY_TIMEOUT_S)
+        if line != "ready":
+            self.stop()
+            if line.startswith("error: "):
+                raise LinkError(line[len("error: "):])
+            raise LinkError(f"the delay line did not start ({line or 'no answer in 15 s'}); see its error above.")
+
+    def stop(self) -> dict[str, Any]:
+        """Stop the process (SIGTERM; SIGKILL after 5 s) and return what it did; {} if it died without saying."""
+        if self.pid is None:
+            return {}
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        line = self._read_line(5.0)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+        os.close(self._pipe)
+        self.pid = self._pipe = None
+        with contextlib.suppress(ValueError):
+            return json.loads(line)
+        return {}
+
+    def _read_line(self, timeout: float) -> str:
+        data, deadline = b"", time.monotonic() + timeout
+        while not data.endswith(b"\n") and time.monotonic() < deadline:
+            ready, _, _ = select.select([self._pipe], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = os.read(self._pipe, 65536) if ready else b""
+            if ready and not chunk:
+                break
+            data += chunk
+        return data.decode(errors="replace").strip()
+
+    # -- the child ----------------------------------------------------------------------------------------------
+    def _child(self, pipe: int, parent: int) -> int:  # pragma: no cover - runs in the forked process
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        for sig in (signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, _raise_stop)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        start, cpu0 = time.monotonic(), _cpu_seconds()
+        orphaned = False
+        try:
+            if os.getppid() != parent:
+                raise _Stop
+            client = open_tun(self.netns["client"], IFNAME["client"])
+            server = open_tun(self.netns["server"], IFNAME["server"])
+            os.write(pipe, b"ready\n")
+            _serve({client: (self.up, server), server: (self.down, client)})
+        except _Stop:
+            pass
+        except LinkError as err:
+            os.write(pipe, f"error: {err}\n".replace("\n", " ").encode() + b"\n")
+            return 1
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            orphaned = os.getppid() != parent
+        wall, cpu = time.monotonic() - start, _cpu_seconds() - cpu0
+        report = {"up": self.up.stats.as_dict(), "down": self.down.stats.as_dict(), "cpu_s": round(cpu, 3),
+                  "wall_s": round(wall, 3), "cpu_pct_of_one_core": round(100 * cpu / max(wall, 1e-9), 2)}
+        if orphaned:  # the launcher was killed: remove what it made, and exit
+            for name in self.netns.values():
+                remove_netns(name)
+            return 0
+        with contextlib.suppress(OSError):
+            os.write(pipe, (json.dumps(report) + "\n").encode())
+        return 0
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: Any) -> None:
+    raise _Stop
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _serve(routes: dict[int, tuple[DelayQueue, int]]) -> None:  # pragma: no cover - runs in the forked process
+    """Move packets until stopped: each fd's packets go through its queue to the other fd."""
+    fds = list(routes)
+    queues = [(queue, out) for queue, out in routes.values()]
+    clock, read, write = time.monotonic, os.read, os.write
+    while True:
+        due = [q.next_due() for q, _ in queues]
+        waits = [d for d in due if d is not None]
+        timeout = max(0.0, min(waits) - clock()) if waits else None
+        readable, _, _ = select.select(fds, [], [], timeout)
+        now = clock()
+        for fd in readable:
+            queue = routes[fd][0]
+            for _ in range(_READ_BATCH):
+                try:
+                    packet = read(fd, 65536)
+                except BlockingIOError:
+                    break
+                queue.push(packet, now)
+        now = clock()
+        for queue, out in queues:
+            for packet in queue.pop_due(now):
+                try:
+                    write(out, packet)
+                except OSError:  # the far device went away (the namespace is being removed)
+                    queue.stats.dropped += 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("splitlit.link.delayline is started by `python -m splitlit.link`, not on its own.")
