@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -62,6 +63,10 @@ def run_two_hosts(link: ShapedLink, command: list[str], *, grace: float = 900.0,
     makes it fail with a clear error) before it is stopped.
     """
     out = out or sys.stdout
+    # Both "hosts" are this machine's: they share a secret made here unless the caller gave one.
+    env = dict(os.environ if env is None else env)
+    if "SPLITLIT_SECRET" not in env and "SPLITLIT_SECRET_FILE" not in env:
+        env["SPLITLIT_SECRET"] = secrets.token_hex(32)
     result = JobResult()
     start = time.monotonic()
     procs: dict[str, subprocess.Popen] = {}

@@ -99,14 +99,17 @@ class ClientOnly(TensorDataset):
     """Raises when any process but the client reads it."""
 
     def __getitem__(self, index):
-        if os.environ.get("LOCAL_RANK", "0") != "0":
+        if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
             raise RuntimeError("the server read a sample")
         return super().__getitem__(index)
 
 
+SIZE = 16  # image side; --size (the up cut carries [8, SIZE/2, SIZE/2] floats per image)
+
+
 def images(batches: int, seed: int) -> ClientOnly:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batches * BATCH, 3, 16, 16, generator=g)
+    x = torch.randn(batches * BATCH, 3, SIZE, SIZE, generator=g)
     x += torch.randn(len(x), 1, 1, 1, generator=g)
     return ClientOnly(x, (x.mean((1, 2, 3)) > 0).long())
 
@@ -123,7 +126,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--phase", choices=("first", "resume"), required=True)
+    parser.add_argument("--two-hosts", action="store_true", help="num_nodes=2, devices=1 (splitlit.link sets env)")
+    parser.add_argument("--size", type=int, default=16)
     args = parser.parse_args()
+    global SIZE
+    SIZE = args.size
     out = Path(args.out)
     record_everything()
     L.seed_everything(0, verbose=False)
@@ -133,7 +140,8 @@ def main() -> None:
     if args.phase == "first":  # stops at its first check: val/loss is far below the threshold
         callbacks.append(EarlyStopping(monitor="val/loss", stopping_threshold=1e9))
     strategy = SplitPipelineStrategy(chunks=2, timeout=60)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=3 if args.phase == "first" else 2,
+    ranks = dict(num_nodes=2, devices=1) if args.two_hosts else dict(devices=2)
+    trainer = L.Trainer(accelerator="cpu", strategy=strategy, max_epochs=3 if args.phase == "first" else 2, **ranks,
                         num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         gradient_clip_val=0.5, callbacks=callbacks)
     if args.phase == "first":
