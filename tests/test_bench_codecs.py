@@ -1,0 +1,54 @@
+"""``experiments.bench_codecs --seeds`` on tiny data: per-seed values in the JSON, paired statistics, reproducibility."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from experiments import bench_codecs
+
+DATA = Path(bench_codecs.SHARED)
+needs_data = pytest.mark.skipif(not (DATA / "cifar10" / "cifar-10-batches-py").is_dir()
+                                or not (DATA / "weights" / "mobilenet_v2-b0353104.pth").is_file(),
+                                reason="needs ../shared/data (CIFAR-10 and the MobileNetV2 weights)")
+# 128 training and 100 test images at 96 px (the smallest side where power iteration's rank 7 fits the down cut,
+# 3 x 3), 8 steps of batch 16; power iteration with a 2-batch calibration and 3 adaptation steps: every code path
+# of a real row, in seconds.
+TINY = ["--size", "96", "--train", "128", "--test", "100", "--epochs", "1", "--batch", "16", "--calib-batches", "2",
+        "--adapt-steps", "3", "--only", "none", "poweriter3_7", "--default-only"]
+
+
+@needs_data
+def test_two_seed_bench_writes_per_seed_values_and_is_reproducible(tmp_path, capsys):
+    """Two seeds: each row's JSON holds both accuracies, their mean and std, the paired difference and its 95%
+    interval; the table prints the same; and the same seed run again gives the same accuracy to the last digit."""
+    out = tmp_path / "bench.json"
+    rows = bench_codecs.main([*TINY, "--seeds", "0-1", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["seeds"] == [0, 1] and [(r["codec"], r["initialisation"]) for r in saved["rows"]] == [
+        ("none", "-"), ("poweriter3_7", "iters=2, adapt (default)")]
+    none, power = (r["acc"] for r in saved["rows"])
+    for row in (none, power):
+        values = [row["per_seed"]["0"], row["per_seed"]["1"]]
+        assert row["n"] == 2 and row["mean"] == pytest.approx(statistics.mean(values))
+        assert row["std"] == pytest.approx(statistics.stdev(values))
+    assert none["difference"]["mean"] == 0.0 and none["difference"]["low"] == 0.0 == none["difference"]["high"]
+    d = power["difference"]
+    diffs = [power["per_seed"][s] - none["per_seed"][s] for s in ("0", "1")]
+    assert d["mean"] == pytest.approx(statistics.mean(diffs))
+    half = 12.706205 * statistics.stdev(diffs) / math.sqrt(2)  # t(0.975, 1 degree of freedom)
+    assert (d["low"], d["high"]) == (pytest.approx(d["mean"] - half), pytest.approx(d["mean"] + half))
+    assert rows[1]["acc"] == power
+    table = capsys.readouterr().out
+    assert f"| {bench_codecs.format_mean(power):>18} |  2 | {bench_codecs.format_difference(power):>22} |" in table
+
+    # Reproducibility: seed 1 of the power-iteration row, run again in this process, to the last digit.
+    args = bench_codecs.parse_args([*TINY, "--seed", "1"])
+    data = (bench_codecs.load_images(args.data, True, args.train), bench_codecs.load_images(args.data, False, args.test))
+    label, options, calibration = bench_codecs.RUNS["poweriter3_7"][-1]
+    again = bench_codecs.run("poweriter3_7", options, calibration, args, data, seed=1)
+    assert again["acc"] == power["per_seed"]["1"]
