@@ -1,21 +1,30 @@
 """Codec benchmark: the report's MobileNetV2 / CIFAR-10 codecs, unsplit on one CPU, short fine-tune from ImageNet.
 
-    python -m experiments.bench_codecs --train 3200 --epochs 2 --test 2000     # ~45 CPU-minutes for all rows
+    python -m experiments.bench_codecs --train 2000 --epochs 2 --seeds 0-4 --default-only   # each codec's default
+    python -m experiments.bench_codecs --train 3200 --epochs 2 --seed 0                     # every option, 1 seed
 
 For each codec (none, power iteration (3,7), conv insert 0.097 / 0.070) and each option, with and without
 (1 or 2 power iterations; fresh conv layers, PCA calibrated with BatchNorm on its ImageNet running statistics
 or on batch statistics, the codecs' distillation warm-up, and the network's adaptation to its codecs that
-``CodecCalibration`` runs by default: see ``RUNS``) it fine-tunes the pretrained MobileNetV2
-with the report's SGD settings (lr 0.005, momentum 0.1, batch 64) on real CIFAR-10 at reduced resolution and
-prints one table row: test accuracy, its difference from no compression, the compress rate at this resolution
-and at the report's 224 px, the bytes per chunk crossing each cut (activation forward; its gradient back is
-the same size), each codec's relative reconstruction error on the calibration batches when fine-tuning
-starts, the relative error of the tail's input after adaptation, and the seconds spent calibrating and
-fine-tuning. ``--seed`` changes the new classifier, the batch order and the flips (not the calibration
-batches). The codecs run unsplit (same modules as the split run); bytes are
-:func:`splitlit.wire.analytic_link_bytes`, which the two-rank tests prove equal to what the transport sends.
-``--only`` / ``--skip`` pick rows, so rows can run in parallel processes (``--baseline`` then gives the
-accuracy of ``none`` for the delta column).
+``CodecCalibration`` runs by default: see ``RUNS``; ``--default-only`` keeps that default alone) it fine-tunes
+the pretrained MobileNetV2 with the report's SGD settings (lr 0.005, momentum 0.1, batch 64) on real CIFAR-10
+at reduced resolution and prints one table row: test accuracy, the compress rate at this resolution and at the
+report's 224 px, the bytes per chunk crossing each cut (activation forward; its gradient back is the same size),
+each codec's relative reconstruction error on the calibration batches when fine-tuning starts, the relative
+error of the tail's input after adaptation, and the seconds spent calibrating and fine-tuning (per seed).
+
+A seed sets the new classifier, the batch order, the flips and dropout (not the calibration batches). With
+``--seeds`` (two or more: ``0-4``, ``0,1,2``) every row runs every seed and prints the accuracy's mean ± sample
+standard deviation, n, and the paired difference to ``none`` (same seeds) with its 95% Student-t interval
+(:mod:`experiments.stats`); ``--seed`` runs one seed (no spread, no interval). Runs go seed by seed, and
+``--json`` (default ``runs/bench_codecs.json``) is rewritten after each with every row's per-seed values, so a
+bench cut short keeps the seeds it finished. ``--only`` / ``--skip`` pick rows, so rows can run in parallel
+processes; ``--merge`` then joins their JSON files into one paired table.
+
+The codecs run unsplit (same modules as the split run); bytes are :func:`splitlit.wire.analytic_link_bytes`,
+which the two-rank tests prove equal to what the transport sends. Time: on 2 CPU cores a run of ``--train
+2000 --epochs 2`` takes about 1.5 minutes (none) to 3 minutes (a codec, with its calibration) when the
+machine is otherwise idle; the test suite runs a 2-seed tiny version (``tests/test_bench_codecs.py``).
 """
 
 from __future__ import annotations
@@ -158,7 +167,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                    help="no runs: the table of the rows in these --json files (rows run in parallel processes with "
                         "--only, same settings), each paired with none over the seeds both have")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the JSON: the command that made it
+    return args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -253,10 +264,11 @@ def _table_line(r: dict) -> str:
 
 
 def _write_json(args: argparse.Namespace, seeds: list[int], results: list[dict]) -> None:
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings = {k: v for k, v in vars(args).items() if k != "argv"}
+    command = "python -m experiments.bench_codecs " + " ".join(args.argv)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"command": "python -m experiments.bench_codecs " + " ".join(sys.argv[1:]),
-                                     "settings": settings, "seeds": seeds, "rows": results}, indent=1) + "\n")
+    args.json.write_text(json.dumps({"command": command, "settings": settings, "seeds": seeds, "rows": results},
+                                    indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":
