@@ -22,8 +22,19 @@ TINY = ["--size", "96", "--train", "64", "--test", "64", "--epochs", "1", "--bat
         "--adapt-steps", "3", "--only", "none", "poweriter3_7", "--default-only"]
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: about 12 CPU-seconds for the whole test, and no spinning threads on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @needs_data
-def test_two_seed_bench_writes_per_seed_values_and_is_reproducible(tmp_path, capsys):
+def test_two_seed_bench_writes_per_seed_values_and_is_reproducible(tmp_path, capsys, one_thread):
     """Two seeds: each row's JSON holds both accuracies, their mean and std, the paired difference and its 95%
     interval; the table prints the same; and the same seed run again gives the same accuracy to the last digit."""
     out = tmp_path / "bench.json"
