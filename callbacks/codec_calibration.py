@@ -34,13 +34,12 @@ class CodecCalibration(Callback):
             tail received before calibration (``distill(..., network=True)``): the network adapts to its codecs
             before fine-tuning, which is what closes the accuracy gap of a parameter-free codec. Each step costs
             about a training step, on the client (which holds every weight until the strategy's setup; the
-            strategy then ships the adapted server part). 0 steps: none. On MobileNetV2 / CIFAR-10 at 96 px
-            after the same short fine-tune (means of 2-3 seeds), the default 50 steps at lr 5e-4 moved power
-            iteration (3,7) from -12.0 to -0.5 points of the uncompressed accuracy, conv insert 0.070 from
-            -1.4 to +1.3 and conv insert 0.097 from -2.5 to +1.6.
+            strategy then ships the adapted server part). 0 steps: none. Its effect on accuracy, over seeds
+            with the paired difference to no compression: ``python -m experiments.bench_codecs --seeds 0-4``
+            (the README's "Benchmarks" states the measured numbers).
         batch_stats: calibrate with BatchNorm on batch statistics, as the codecs will see while fine-tuning
-            (it lowers the held-out error of the tail's input of conv insert 0.097 from 0.62 to 0.55 at the
-            start; after a short fine-tune the accuracy was the same within noise).
+            (it lowers the held-out error of the tail's input of conv insert 0.097 at the start; its effect on
+            accuracy after a short fine-tune was not told apart from seed noise).
 
     Logs nothing to the logger; the relative errors are in :attr:`report` and the log.
     """

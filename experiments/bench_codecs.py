@@ -1,27 +1,38 @@
 """Codec benchmark: the report's MobileNetV2 / CIFAR-10 codecs, unsplit on one CPU, short fine-tune from ImageNet.
 
-    python -m experiments.bench_codecs --train 3200 --epochs 2 --test 2000     # ~45 CPU-minutes for all rows
+    python -m experiments.bench_codecs --train 2000 --epochs 2 --seeds 0-4 --default-only   # each codec's default
+    python -m experiments.bench_codecs --train 3200 --epochs 2 --seed 0                     # every option, 1 seed
 
 For each codec (none, power iteration (3,7), conv insert 0.097 / 0.070) and each option, with and without
 (1 or 2 power iterations; fresh conv layers, PCA calibrated with BatchNorm on its ImageNet running statistics
 or on batch statistics, the codecs' distillation warm-up, and the network's adaptation to its codecs that
-``CodecCalibration`` runs by default: see ``RUNS``) it fine-tunes the pretrained MobileNetV2
-with the report's SGD settings (lr 0.005, momentum 0.1, batch 64) on real CIFAR-10 at reduced resolution and
-prints one table row: test accuracy, its difference from no compression, the compress rate at this resolution
-and at the report's 224 px, the bytes per chunk crossing each cut (activation forward; its gradient back is
-the same size), each codec's relative reconstruction error on the calibration batches when fine-tuning
-starts, the relative error of the tail's input after adaptation, and the seconds spent calibrating and
-fine-tuning. ``--seed`` changes the new classifier, the batch order and the flips (not the calibration
-batches). The codecs run unsplit (same modules as the split run); bytes are
-:func:`splitlit.wire.analytic_link_bytes`, which the two-rank tests prove equal to what the transport sends.
-``--only`` / ``--skip`` pick rows, so rows can run in parallel processes (``--baseline`` then gives the
-accuracy of ``none`` for the delta column).
+``CodecCalibration`` runs by default: see ``RUNS``; ``--default-only`` keeps that default alone) it fine-tunes
+the pretrained MobileNetV2 with the report's SGD settings (lr 0.005, momentum 0.1, batch 64) on real CIFAR-10
+at reduced resolution and prints one table row: test accuracy, the compress rate at this resolution and at the
+report's 224 px, the bytes per chunk crossing each cut (activation forward; its gradient back is the same size),
+each codec's relative reconstruction error on the calibration batches when fine-tuning starts, the relative
+error of the tail's input after adaptation, and the seconds spent calibrating and fine-tuning (per seed).
+
+A seed sets the new classifier, the batch order, the flips and dropout (not the calibration batches). With
+``--seeds`` (two or more: ``0-4``, ``0,1,2``) every row runs every seed and prints the accuracy's mean ± sample
+standard deviation, n, and the paired difference to ``none`` (same seeds) with its 95% Student-t interval
+(:mod:`experiments.stats`); ``--seed`` runs one seed (no spread, no interval). Runs go seed by seed, and
+``--json`` (default ``runs/bench_codecs.json``) is rewritten after each with every row's per-seed values, so a
+bench cut short keeps the seeds it finished. ``--only`` / ``--skip`` pick rows, so rows can run in parallel
+processes; ``--merge`` then joins their JSON files into one paired table.
+
+The codecs run unsplit (same modules as the split run); bytes are :func:`splitlit.wire.analytic_link_bytes`,
+which the two-rank tests prove equal to what the transport sends. Time: on 2 CPU cores a run of ``--train
+2000 --epochs 2`` takes about 1.5 minutes (none) to 3 minutes (a codec, with its calibration) when the
+machine is otherwise idle; the test suite runs a 2-seed tiny version (``tests/test_bench_codecs.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments.cifar10_mobilenet import IMAGENET_MEAN, IMAGENET_STD, LocalCIFAR10, MobileNetV2Classifier
+from experiments.stats import format_difference, format_mean, over_seeds, paired_seeds_argument
 from splitlit.codecs import REPORT_CODECS, calibrate, report_codecs
 from splitlit.wire import analytic_link_bytes
 
@@ -77,14 +89,15 @@ def accuracy(model: MobileNetV2Classifier, images, labels, size: int, batch: int
     return 100.0 * correct / len(images)
 
 
-def run(row: str, options: dict, calibration: dict | None, args, data) -> dict:
-    torch.manual_seed(args.seed)
+def run(row: str, options: dict, calibration: dict | None, args, data, seed: int) -> dict:
+    """One fine-tune of one codec row with one seed; returns its accuracy, rates, bytes, errors and seconds."""
+    torch.manual_seed(seed)
     (train_x, train_y), (test_x, test_y) = data
     up, down = report_codecs(row, **options)
     model = MobileNetV2Classifier(pretrained=str(args.weights), lr=args.lr, momentum=args.momentum,
                                   up_codec=up, down_codec=down, codec_lr=args.codec_lr)
     split = model.configure_split()
-    gen = torch.Generator().manual_seed(args.seed + 1)
+    gen = torch.Generator().manual_seed(seed + 1)
     calib = [(prepare(train_x[i:i + args.batch], args.size, flip=False),)
              for i in range(0, args.calib_batches * args.batch, args.batch)]
     errors = {}
@@ -122,7 +135,7 @@ def run(row: str, options: dict, calibration: dict | None, args, data) -> dict:
             "err_tail": errors.get("tail"), "seconds": time.perf_counter() - start, "calib_seconds": calib_seconds}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, default=SHARED / "cifar10")
     p.add_argument("--weights", type=Path, default=SHARED / "weights" / "mobilenet_v2-b0353104.pth")
@@ -140,35 +153,122 @@ def main() -> None:
     p.add_argument("--distill-lr", type=float, default=1e-4)
     p.add_argument("--adapt-steps", type=int, default=50, help="network adaptation steps (CodecCalibration's default)")
     p.add_argument("--adapt-lr", type=float, default=5e-4)
-    p.add_argument("--seed", type=int, default=0, help="seed of the new classifier, the batch order and the flips")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0, help="one run per row with this seed (no spread, no interval)")
+    seeds.add_argument("--seeds", type=paired_seeds_argument, default=None,
+                       help="two or more seeds, e.g. 0-4 or 0,1,2: every row runs each, and prints mean ± std and "
+                            "the paired difference to none with its 95%% interval")
     p.add_argument("--only", nargs="*", default=None, choices=sorted(REPORT_CODECS), help="codec rows to run")
     p.add_argument("--skip", nargs="*", default=(), help="labels of runs to leave out, e.g. fresh")
-    p.add_argument("--baseline", type=float, default=None,
-                   help="accuracy of 'none' from another invocation (same settings), for the delta column")
-    args = p.parse_args()
+    p.add_argument("--default-only", action="store_true",
+                   help="only each codec's default initialisation (CodecCalibration's adaptation) beside none")
+    p.add_argument("--json", type=Path, default=Path("runs/bench_codecs.json"),
+                   help="where to write every row with its per-seed values (rewritten after each run)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="no runs: the table of the rows in these --json files (rows run in parallel processes with "
+                        "--only, same settings), each paired with none over the seeds both have")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the JSON: the command that made it
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.merge:
+        results = _merge(args.merge)
+        print(_table(results))
+        _write_json(args, sorted({s for r in results for s in r["seeds"]}), results)
+        return results
+    seeds = args.seeds or [args.seed]
     data = (load_images(args.data, True, args.train), load_images(args.data, False, args.test))
     print(f"MobileNetV2 (ImageNet) on CIFAR-10: {len(data[0][0])} train / {len(data[1][0])} test images at "
           f"{args.size} px, {args.epochs} epoch(s), SGD lr {args.lr} momentum {args.momentum}, batch {args.batch}; "
-          f"bytes per chunk at chunks={args.chunks} (float32; the gradient back is the same size)", flush=True)
-    header = (f"| {'codec':<14}| {'initialisation':<24}| {'acc %':>6} | {'Δ acc':>6} | {'rate':>6} | "
-              f"{'rate@224':>8} | {'up B/chunk':>11} | {'down B/chunk':>12} | {'err up':>6} | {'err down':>8} | "
-              f"{'err tail':>8} | {'calib s':>7} | {'s':>5} |")
-    print(header + "\n|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|", flush=True)
-    baseline = args.baseline
-    for row, runs in RUNS.items():
-        if args.only and row not in args.only:
-            continue
-        for label, options, calibration in runs:
-            if label in args.skip:
-                continue
-            r = run(row, options, calibration, args, data)
-            baseline = r["acc"] if row == "none" else baseline
-            delta = f"{r['acc'] - baseline:+.2f}" if baseline is not None else "n/a"
-            err = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
-            print(f"| {row:<14}| {label:<24}| {r['acc']:6.2f} | {delta:>6} | {r['rate']:6.4f} | "
-                  f"{r['rate224']:8.4f} | {r['up']:11,} | {r['down']:12,} | {err(r['err_up']):>6} | "
-                  f"{err(r['err_down']):>8} | {err(r['err_tail']):>8} | {r['calib_seconds']:7.0f} | "
-                  f"{r['seconds']:5.0f} |", flush=True)
+          f"seeds {','.join(map(str, seeds))}; bytes per chunk at chunks={args.chunks} (float32; the gradient back "
+          f"is the same size)", flush=True)
+    wanted = [(row, label, options, calibration) for row, runs in RUNS.items() for label, options, calibration in runs
+              if not (args.only and row not in args.only) and label not in args.skip
+              and not (args.default_only and row != "none" and "(default)" not in label)]
+    per_seed: dict[tuple[str, str], dict[int, dict]] = {(row, label): {} for row, label, _, _ in wanted}
+    for seed in seeds:  # seed by seed: a bench cut short holds every row for the seeds it finished (paired)
+        for row, label, options, calibration in wanted:
+            r = per_seed[row, label][seed] = run(row, options, calibration, args, data, seed)
+            print(f"  {row} / {label}, seed {seed}: {r['acc']:.2f}% ({r['seconds']:.0f} s)", file=sys.stderr,
+                  flush=True)
+            _write_json(args, seeds, _rows(per_seed))
+    results = _rows(per_seed)
+    print(_table(results), flush=True)
+    print(f"wrote {args.json}", file=sys.stderr)
+    return results
+
+
+def _rows(per_seed: dict[tuple[str, str], dict[int, dict]]) -> list[dict]:
+    """Every row over its seeds, its difference to none paired over the seeds both have."""
+    none = next((runs for (row, _), runs in per_seed.items() if row == "none"), None)
+    results = []
+    for (row, label), runs in per_seed.items():
+        if none is not None and row != "none":
+            runs = {s: r for s, r in runs.items() if s in none}
+        if runs:
+            baseline = {s: none[s]["acc"] for s in runs} if none is not None else None
+            results.append(_row(row, label, runs, baseline))
+    return results
+
+
+def _row(row: str, label: str, per_seed: dict[int, dict], baseline: dict[int, float] | None) -> dict:
+    """A table row over seeds: accuracy with its statistics, the other figures as the mean over seeds."""
+    first = next(iter(per_seed.values()))
+    mean = lambda key: (None if first[key] is None  # noqa: E731
+                        else sum(r[key] for r in per_seed.values()) / len(per_seed))
+    return {"codec": row, "initialisation": label, "seeds": sorted(per_seed),
+            "acc": over_seeds({s: r["acc"] for s, r in per_seed.items()}, baseline),
+            **{k: first[k] for k in ("rate", "rate224", "up", "down")},
+            **{k: mean(k) for k in ("err_up", "err_down", "err_tail", "seconds", "calib_seconds")},
+            "per_seed": {str(s): r for s, r in sorted(per_seed.items())}}
+
+
+def _merge(paths: list[Path]) -> list[dict]:
+    """The rows of several ``--json`` files (rows run in parallel processes, same settings), paired again."""
+    per_seed: dict[tuple[str, str], dict[int, dict]] = {}
+    settings = None
+    for path in paths:
+        saved = json.loads(path.read_text())
+        mine = {k: v for k, v in saved["settings"].items() if k not in _PER_INVOCATION}
+        if settings is not None and mine != settings:
+            differ = sorted(k for k in mine if mine[k] != settings.get(k))
+            raise SystemExit(f"bench_codecs --merge: {path} was run with other settings ({differ}); merge only "
+                             f"invocations that differ in their rows and seeds.")
+        settings = mine
+        for r in saved["rows"]:
+            per_seed.setdefault((r["codec"], r["initialisation"]), {}).update(
+                {int(s): v for s, v in r["per_seed"].items()})
+    return _rows(per_seed)
+
+
+_PER_INVOCATION = ("seed", "seeds", "only", "skip", "default_only", "json", "merge")
+
+
+def _table(results: list[dict]) -> str:
+    header = (f"| {'codec':<14}| {'initialisation':<24}| {'acc % (mean ± std)':>18} | {'n':>2} | "
+              f"{'Δ acc, paired [95% CI]':>22} | {'rate':>6} | {'rate@224':>8} | {'up B/chunk':>11} | "
+              f"{'down B/chunk':>12} | {'err up':>6} | {'err down':>8} | {'err tail':>8} | {'calib s':>7} | {'s':>5} |")
+    rule = "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"
+    return "\n".join([header, rule, *map(_table_line, results)])
+
+
+def _table_line(r: dict) -> str:
+    err = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
+    return (f"| {r['codec']:<14}| {r['initialisation']:<24}| {format_mean(r['acc']):>18} | {r['acc']['n']:>2} | "
+            f"{format_difference(r['acc']):>22} | {r['rate']:6.4f} | {r['rate224']:8.4f} | {r['up']:11,} | "
+            f"{r['down']:12,} | {err(r['err_up']):>6} | {err(r['err_down']):>8} | {err(r['err_tail']):>8} | "
+            f"{r['calib_seconds']:7.0f} | {r['seconds']:5.0f} |")
+
+
+def _write_json(args: argparse.Namespace, seeds: list[int], results: list[dict]) -> None:
+    settings = {k: v for k, v in vars(args).items() if k != "argv"}
+    command = "python -m experiments.bench_codecs " + " ".join(args.argv)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"command": command, "settings": settings, "seeds": seeds, "rows": results},
+                                    indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":

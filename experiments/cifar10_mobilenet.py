@@ -143,9 +143,9 @@ class MobileNetV2Classifier(L.LightningModule):
         lr / momentum / weight_decay: SGD settings (the report: 0.005, 0.1, 0).
         up_codec / down_codec: codecs at the client -> server and server -> client cuts (splitlit.codecs).
         codec_lr: learning rate of the codecs' own parameters (default: ``lr / 10``). Calibrated codecs start
-            close to what they replace and a full learning rate throws that away: at 96 px, 3,200 images x 2
-            epochs, conv insert 0.070 reached 42.1% with 10x lr, 59.3% with lr, 65.8% with lr/10 and 61.0%
-            frozen (uncompressed: 67.4%).
+            close to what they replace and a full learning rate throws that away (one seed, 96 px: conv insert
+            0.070 with 10x or 1x the model's rate lost far more accuracy than with lr/10 or frozen; not yet
+            measured over seeds: ``python -m experiments.bench_codecs --codec-lr ... --seeds 0-4``).
     """
 
     def __init__(self, num_classes: int = 10, pretrained: str | None = None, lr: float = 0.005,

@@ -5,16 +5,22 @@
 
 Writes into ``--out``:
 
-- ``table.md`` and ``table.csv``: one row per split run (the report's section 2.2 table): compress method,
+- ``table.md`` and ``table.csv``: one row per split setting (the report's section 2.2 table): compress method,
   compress rate, accuracy (best validation accuracy, %), bandwidth average, bandwidth peak client, bandwidth
-  peak server (MB/s, MB = 10**6 bytes), computation time, total time per batch (s) and chunks; the CSV also
-  names the run and its group. The figures are the runs' ``_run`` summaries written by :class:`~callbacks.LinkTrafficMonitor`,
+  peak server (MB/s, MB = 10**6 bytes), computation time, total time per batch (s), chunks and ``n``, the
+  number of runs. Runs of one group that differ only by seed (``seed_everything``, CoLA's ``data.seed``; see
+  :func:`setting`) are one row: each figure is their mean, the Markdown shows ``mean ± std`` (sample standard
+  deviation) and the CSV has the std in ``<column>_std``; the CSV also names the runs and their group. The
+  figures are the runs' ``_run`` summaries written by :class:`~callbacks.LinkTrafficMonitor`,
   :class:`~callbacks.PipelineTimingMonitor` and :class:`~callbacks.BestMetric`.
 - ``bandwidth_peak.png``, ``bandwidth_avg.png``, ``time_per_batch.png``, ``computation_time.png``: those
   figures against chunks, one line per compress method (the report's figures 6-9; runs that share a group, a
-  method and a chunk count are averaged; with several groups each line is one method of one group).
-- ``val_mcc_<group>.png`` / ``val_acc_<group>.png``: the validation metric against epoch, one line per run of
+  method and a chunk count are averaged, with a ± 1 std error bar over seeds; with several groups each line is
+  one method of one group).
+- ``val_mcc_<group>.png`` / ``val_acc_<group>.png``: the validation metric against epoch, one line per setting of
   the group (e.g. the 10, 20, 40, 80-epoch runs of ``experiments.sweep``), the best epoch marked (figures 1-4).
+  A setting run with several seeds is drawn as the mean over seeds with a band of ± 1 sample standard deviation
+  (over the epochs every seed reached), its best epoch the first maximum of the mean, labelled mean ± std and n.
   Epochs are counted from 1 here (``summary.json``'s ``*_best_epoch`` is Lightning's 0-based epoch).
 
 It prints which runs it used, and stops with an error naming the run and the missing figure when a run lacks
@@ -35,12 +41,15 @@ from typing import Any
 import pandas as pd
 
 __all__ = ["FIGURE_PIXELS", "ReportError", "Run", "build_table", "load_runs", "load_wandb_runs", "main",
-           "write_report"]
+           "seed_table", "setting", "write_report"]
 
 RUN_FILE, SUMMARY_FILE, METRICS_FILE = "run.json", "summary.json", "metrics.csv"
 FIGURE_SIZE, FIGURE_DPI = (8, 5), 100
 FIGURE_PIXELS = (FIGURE_SIZE[0] * FIGURE_DPI, FIGURE_SIZE[1] * FIGURE_DPI)
 CURVE_METRICS = ("val/mcc", "val/acc")
+# Run-config keys that differ between the seeds of one setting (or name one run), ignored by setting(); a dotted
+# key is one inside a section (CoLA's training order has its own seed, data.seed).
+PER_RUN_KEYS = ("name", "command", "seed_everything", "data.seed")
 
 # table column -> (summary key, scale, Markdown format)
 TABLE = {
@@ -86,6 +95,31 @@ class Run:
     @property
     def group(self) -> str:
         return str(self.config.get("group") or self.config.get("experiment") or "runs")
+
+    @property
+    def seed(self) -> Any:
+        return self.config.get("seed_everything")
+
+
+def setting(run: Run) -> str:
+    """The run's config without what names it or seeds it (:data:`PER_RUN_KEYS`), as text: runs with the same
+    setting differ only by seed, and the table and the curves pool them."""
+    config = {k: v for k, v in run.config.items() if not k.startswith("_")}
+    for key in PER_RUN_KEYS:
+        section, _, inner = key.rpartition(".")
+        if not section:
+            config.pop(key, None)
+        elif isinstance(config.get(section), dict):
+            config[section] = {k: v for k, v in config[section].items() if k != inner}
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def by_setting(runs: Iterable[Run]) -> list[list[Run]]:
+    """The runs pooled by :func:`setting`, in the order each setting first appears."""
+    settings: dict[str, list[Run]] = {}
+    for run in runs:
+        settings.setdefault(setting(run), []).append(run)
+    return list(settings.values())
 
 
 # -- reading runs -------------------------------------------------------------------------------------------------
@@ -139,9 +173,24 @@ def build_table(runs: Sequence[Run]) -> pd.DataFrame:
             )
         row = {"compress_method": run.config.get("codec", "none")}
         row.update({col: float(run.summary[key]) * scale for col, (key, scale, _) in TABLE.items()})
-        row.update(chunks=int(run.config["chunks"]), run=run.name, group=run.group)
+        row.update(chunks=int(run.config["chunks"]), run=run.name, group=run.group, setting=setting(run))
         rows.append(row)
-    columns = ["compress_method", *TABLE, "chunks", "run", "group"]
+    columns = ["compress_method", *TABLE, "chunks", "run", "group", "setting"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["compress_method", "chunks"], kind="stable")
+
+
+def seed_table(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting of :func:`build_table`'s runs: each figure's mean over the runs that differ only by seed,
+    its sample standard deviation in ``<column>_std`` (NaN for a single run), ``n`` and the runs' names."""
+    rows = []
+    for _, runs in table.groupby("setting", sort=False):
+        row = {"compress_method": runs["compress_method"].iloc[0]}
+        row.update({col: runs[col].mean() for col in TABLE})
+        row.update(chunks=int(runs["chunks"].iloc[0]), n=len(runs), run=", ".join(runs["run"]),
+                   group=runs["group"].iloc[0])
+        row.update({f"{col}_std": runs[col].std(ddof=1) if len(runs) > 1 else math.nan for col in TABLE})
+        rows.append(row)
+    columns = ["compress_method", *TABLE, "chunks", "n", "run", "group", *(f"{col}_std" for col in TABLE)]
     return pd.DataFrame(rows, columns=columns).sort_values(["compress_method", "chunks"], kind="stable")
 
 
@@ -150,12 +199,17 @@ def _finite(value: Any) -> bool:
 
 
 def table_markdown(table: pd.DataFrame) -> str:
-    columns = list(HEADERS)
-    lines = ["| " + " | ".join(HEADERS[c] for c in columns) + " |", "|" + "---|" * len(columns)]
+    """:func:`seed_table` in Markdown: ``mean ± std`` where a row pools several seeds, then chunks and n."""
+    columns = [*HEADERS, "n"]
+    lines = ["| " + " | ".join(HEADERS.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
     for _, row in table.iterrows():
         cells = [str(row["compress_method"])]
-        cells += [TABLE[c][2].format(row[c]) for c in TABLE]
-        cells.append(str(int(row["chunks"])))
+        for c in TABLE:
+            number, unit = TABLE[c][2].split("}")  # "{:.2f}MB/s": the unit once, after the spread
+            number += "}"
+            spread = row.get(f"{c}_std", math.nan) if row.get("n", 1) > 1 else math.nan
+            cells.append(number.format(row[c]) + (f" ± {number.format(spread)}" if _finite(spread) else "") + unit)
+        cells += [str(int(row["chunks"])), str(int(row.get("n", 1)))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -174,13 +228,16 @@ def _figure():
 def plot_against_chunks(table: pd.DataFrame, file: str, out: Path) -> Path:
     title, unit, series = FIGURES[file]
     plt, fig, ax = _figure()
-    means = table.groupby(["group", "compress_method", "chunks"], as_index=False).mean(numeric_only=True)
+    keys = ["group", "compress_method", "chunks"]
+    means = table.groupby(keys, as_index=False).mean(numeric_only=True)
+    spreads = table.groupby(keys, as_index=False).std(numeric_only=True)  # over the runs pooled in each point
     several = means["group"].nunique() > 1  # then a line is one compress method of one experiment
     for i, ((group, method), rows) in enumerate(means.groupby(["group", "compress_method"], sort=True)):
         method = f"{group}: {method}" if several else method
+        spread = spreads.loc[rows.index]
         for (column, role), style in zip(series, ("-o", "--s")):
-            ax.plot(rows["chunks"], rows[column], style, color=f"C{i}",
-                    label=f"{method} ({role})" if role else str(method))
+            ax.errorbar(rows["chunks"], rows[column], yerr=spread[column].fillna(0.0), fmt=style, color=f"C{i}",
+                        capsize=3, label=f"{method} ({role})" if role else str(method))
     ax.set(title=f"{title} against chunks per compress method", xlabel="chunks", ylabel=unit)
     ax.set_xticks(sorted(table["chunks"].unique()))
     ax.grid(alpha=0.3)
@@ -198,17 +255,37 @@ def curve(run: Run, metric: str) -> pd.DataFrame:
     return values.sort_values("epoch")
 
 
+def seed_curve(runs: Sequence[Run], metric: str) -> pd.DataFrame:
+    """``metric`` per epoch over runs that differ only by seed: ``mean``, ``std`` (sample; NaN for one run),
+    ``min``, ``max`` and ``n``, on the epochs every run reached."""
+    values = pd.concat([curve(run, metric).set_index("epoch")[metric].rename(run.name) for run in runs], axis=1)
+    values = values.dropna()
+    return pd.DataFrame({"epoch": values.index, "mean": values.mean(axis=1).to_numpy(),
+                         "std": values.std(axis=1, ddof=1).to_numpy() if len(runs) > 1 else math.nan,
+                         "min": values.min(axis=1).to_numpy(), "max": values.max(axis=1).to_numpy(),
+                         "n": len(runs)}).reset_index(drop=True)
+
+
 def plot_curves(runs: Sequence[Run], metric: str, out: Path) -> Path:
+    """One line per setting of the group; a setting with several seeds is their mean with a ± 1 std band."""
     plt, fig, ax = _figure()
     group = runs[0].group
-    for i, run in enumerate(sorted(runs, key=lambda r: (r.config.get("max_epochs") or 0, r.name))):
-        values = curve(run, metric)
-        epochs, scores = values["epoch"] + 1, values[metric]
+    settings = sorted(by_setting(runs), key=lambda rs: (rs[0].config.get("max_epochs") or 0, rs[0].name))
+    for i, members in enumerate(settings):
+        values = seed_curve(members, metric)
+        epochs, scores, n = values["epoch"] + 1, values["mean"], len(members)
         best = int(scores.to_numpy().argmax())  # the first epoch with the largest value, as BestMetric keeps it
-        label = f"{run.config.get('max_epochs', '?')} epochs ({run.name})"
-        ax.plot(epochs, scores, "-", color=f"C{i}", label=label)
-        ax.plot(epochs.iloc[best], scores.iloc[best], "*", color=f"C{i}", markersize=14,
-                label=f"best: epoch {int(epochs.iloc[best])}, {scores.iloc[best]:.4f}")
+        epochs_label = f"{members[0].config.get('max_epochs', '?')} epochs"
+        if n == 1:
+            ax.plot(epochs, scores, "-", color=f"C{i}", label=f"{epochs_label} ({members[0].name})")
+            best_label = f"best: epoch {int(epochs.iloc[best])}, {scores.iloc[best]:.4f}"
+        else:
+            ax.plot(epochs, scores, "-", color=f"C{i}", label=f"{epochs_label}: mean ± std,\nn={n} seeds")
+            ax.fill_between(epochs, scores - values["std"], scores + values["std"], color=f"C{i}", alpha=0.2,
+                            linewidth=0)
+            best_label = (f"best of the mean: epoch {int(epochs.iloc[best])},\n"
+                          f"{scores.iloc[best]:.4f} ± {values['std'].iloc[best]:.4f}")
+        ax.plot(epochs.iloc[best], scores.iloc[best], "*", color=f"C{i}", markersize=14, label=best_label)
     name = {"val/mcc": "Matthews correlation", "val/acc": "accuracy"}.get(metric, metric)
     ax.set(title=f"Validation {name} against epoch ({group})", xlabel="epoch (1 = the first)", ylabel=metric)
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -245,8 +322,11 @@ def write_report(runs: Sequence[Run], out: Path, *, log=print) -> list[Path]:
         log(f"Table and figures 6-9 from {len(table)} split runs:")
         for _, row in table.iterrows():
             log(f"  {row['run']}: {row['compress_method']}, chunks {row['chunks']}")
-        table.to_csv(out / "table.csv", index=False)
-        (out / "table.md").write_text(table_markdown(table))
+        pooled = seed_table(table)
+        for _, row in pooled[pooled["n"] > 1].iterrows():
+            log(f"  pooled as seeds of one setting (mean ± std, n={row['n']}): {row['run']}")
+        pooled.to_csv(out / "table.csv", index=False)
+        (out / "table.md").write_text(table_markdown(pooled))
         written += [out / "table.csv", out / "table.md"]
         written += [plot_against_chunks(table, file, out) for file in FIGURES]
     else:
@@ -258,7 +338,9 @@ def write_report(runs: Sequence[Run], out: Path, *, log=print) -> list[Path]:
         metrics = [m for m in CURVE_METRICS if any(m in r.metrics and r.metrics[m].notna().any() for r in members)]
         for metric in metrics:
             path = plot_curves(members, metric, out)
-            log(f"{path.name}: {metric} against epoch from {', '.join(r.name for r in members)}")
+            lines = [rs[0].name if len(rs) == 1 else f"[{', '.join(r.name for r in rs)}] (mean ± std, n={len(rs)})"
+                     for rs in by_setting(members)]
+            log(f"{path.name}: {metric} against epoch from {', '.join(lines)}")
             written.append(path)
     for path in written:
         log(f"wrote {path}")

@@ -444,13 +444,11 @@ def distill(split: Split, batches: list[tuple], *, steps: int, lr: float = 1e-4,
     while the student sees batch statistics as it will while fine-tuning. Returns the relative error of the
     tail's input over all batches, before and after.
 
-    Measured on MobileNetV2 / CIFAR-10 at 96 px, 16 calibration batches of 64, then 3,200 images x 2 epochs of
-    the report's SGD (means of 2-3 seeds; no compression 67.1%): ``network=True``, 50 steps at lr 5e-4 took
-    power iteration (3,7) from 55.1% to 66.6% and the PCA-initialised conv inserts 0.070 / 0.097 from 65.6% /
-    64.6% to 68.4% / 68.7%. Power iteration, one seed: a teacher on batch statistics gave 64.0% where the
-    running statistics gave 68.1%; with the loss on pooled features, 50 steps at lr 1e-4 63.5%, 150 at 1e-4
-    65.3%, 50 at 5e-4 68.0%, 50 at 1e-3 66.3%. ``network=False`` (codecs only), 40 steps at lr 1e-4 after PCA
-    raised the tail-input error of conv insert 0.097 on 16 batches from 0.53 to 0.59.
+    The defaults (50 steps at lr 5e-4, the teacher on running statistics, the loss on the tail's input) were
+    chosen on MobileNetV2 / CIFAR-10 at 96 px from runs of one to three seeds each; their accuracy over seeds,
+    paired with no compression, is measured by ``python -m experiments.bench_codecs --seeds 0-4`` (numbers in
+    the README's "Benchmarks"). ``network=False`` (codecs only), 40 steps at lr 1e-4 after PCA raised the
+    tail-input error of conv insert 0.097 on 16 batches from 0.53 to 0.59.
     """
     parts = [split.up, split.down] + ([split.head, split.body] if network else [])
     params = [p for m in parts if m is not None and (network or isinstance(m, Codec))

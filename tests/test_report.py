@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from experiments import report
-from tests.fixtures.report_runs import make_runs, write_run
+from tests.fixtures.report_runs import make_runs, make_seed_runs, write_run
 
 EXPECTED_PNGS = ["bandwidth_avg.png", "bandwidth_peak.png", "computation_time.png", "time_per_batch.png",
                  "val_acc_cifar10_mobilenet.png", "val_acc_cola_gpipe-sweep.png", "val_mcc_cola_gpipe-sweep.png"]
@@ -31,15 +31,17 @@ def test_report_writes_table_and_every_png(tmp_path, capsys):
     for png in out.glob("*.png"):
         assert png_size(png) == report.FIGURE_PIXELS == (800, 500)
     table = pd.read_csv(out / "table.csv")
-    assert list(table.columns) == ["compress_method", "compress_rate", "acc", "bandwidth_avg_MBps",
-                                   "bandwidth_peak_client_MBps", "bandwidth_peak_server_MBps", "computation_time_s",
-                                   "time_per_batch_s", "chunks", "run", "group"]
-    assert len(table) == 6 and sorted(table["chunks"].unique()) == [1, 4, 8]
+    figures = ["compress_rate", "acc", "bandwidth_avg_MBps", "bandwidth_peak_client_MBps",
+               "bandwidth_peak_server_MBps", "computation_time_s", "time_per_batch_s"]
+    assert list(table.columns) == ["compress_method", *figures, "chunks", "n", "run", "group",
+                                   *(f"{c}_std" for c in figures)]
+    assert len(table) == 6 and sorted(table["chunks"].unique()) == [1, 4, 8] and set(table["n"]) == {1}
     none4 = table[(table["compress_method"] == "none") & (table["chunks"] == 4)].iloc[0]
     assert none4["acc"] == pytest.approx(94.0) and none4["bandwidth_avg_MBps"] == pytest.approx(400.0)
     markdown = (out / "table.md").read_text().splitlines()
     assert markdown[0].startswith("| Compress Method | Compress Rate | Acc | Bandwidth(Avg)")
-    assert "| none | 1.000 | 94.00 | 400.00MB/s | 450MB/s | 440MB/s | 0.420s | 2.575s | 4 |" in markdown
+    assert markdown[0].endswith("| Chunk | n |")
+    assert "| none | 1.000 | 94.00 | 400.00MB/s | 450MB/s | 440MB/s | 0.420s | 2.575s | 4 | 1 |" in markdown
     printed = capsys.readouterr().out
     assert "from 6 split runs" in printed and "cola-e10, cola-e20" in printed
 
@@ -97,3 +99,71 @@ def test_sweep_runs_each_epoch_count_in_one_group(capsys):
     for line, epochs in zip(lines, (10, 20, 40, 80)):
         assert f"--trainer.max_epochs {epochs} --run.group g --run.name cola_gpipe-e{epochs}-" in line
         assert line.endswith("--data.batch_size 8") and "-m experiments.cola_roberta fit --config" in line
+
+
+def test_runs_differing_only_by_seed_pool_into_mean_std_and_n(tmp_path, capsys):
+    """Three seeds of one split setting are one table row, 92.00 ± 2.00 with n=3 (the CSV: mean, std, n, the
+    runs); a fourth run with other chunks stays its own row (n=1, no spread)."""
+    make_seed_runs(tmp_path / "runs")
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--group", "cifar10-seeds"]) == 0
+    table = pd.read_csv(tmp_path / "out" / "table.csv")
+    seeds = table[table["chunks"] == 4].iloc[0]
+    assert seeds["n"] == 3 and seeds["acc"] == pytest.approx(92.0) and seeds["acc_std"] == pytest.approx(2.0)
+    assert seeds["run"] == "cifar-s0, cifar-s1, cifar-s2" and seeds["compress_rate_std"] == pytest.approx(0.0)
+    single = table[table["chunks"] == 8].iloc[0]
+    assert single["n"] == 1 and pd.isna(single["acc_std"])
+    markdown = (tmp_path / "out" / "table.md").read_text()
+    assert "| none | 1.000 ± 0.000 | 92.00 ± 2.00 | 400.00 ± 0.00MB/s |" in markdown and "| 4 | 3 |" in markdown
+    assert "| 8 | 1 |" in markdown
+    assert "pooled as seeds of one setting (mean ± std, n=3): cifar-s0, cifar-s1, cifar-s2" in capsys.readouterr().out
+
+
+def test_overfitting_curve_of_seeds_is_the_mean_with_a_std_band(tmp_path, capsys, monkeypatch):
+    """The MCC-against-epoch figure of a 3-seed setting draws the mean, a ± 1 std band and the mean's best epoch."""
+    make_seed_runs(tmp_path)
+    runs = [r for r in report.load_runs([tmp_path]) if r.group == "cola-seeds"]
+    assert len(report.by_setting(runs)) == 1  # seed_everything and data.seed are the only differences
+    values = report.seed_curve(runs, "val/mcc")
+    assert list(values["mean"]) == [0.5, 0.625, 0.75, 0.875, 0.75, 0.625] and set(values["n"]) == {3}
+    assert values["std"].to_numpy() == pytest.approx([0.0625] * 6)
+    assert (values["min"].iloc[3], values["max"].iloc[3]) == (0.8125, 0.9375)
+    drawn = {}
+    import matplotlib.axes
+
+    for name in ("plot", "fill_between"):
+        original = getattr(matplotlib.axes.Axes, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            drawn.setdefault(_name, []).append((args, kwargs))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(matplotlib.axes.Axes, name, spy)
+    path = report.plot_curves(runs, "val/mcc", tmp_path)
+    assert png_size(path) == (800, 500)
+    (band_args, _), = drawn["fill_between"]
+    assert list(band_args[1]) == pytest.approx([0.4375, 0.5625, 0.6875, 0.8125, 0.6875, 0.5625])
+    labels = [kwargs.get("label") for _, kwargs in drawn["plot"]]
+    assert labels == ["6 epochs: mean ± std,\nn=3 seeds", "best of the mean: epoch 4,\n0.8750 ± 0.0625"]
+
+
+def test_sweep_seeds_share_one_group():
+    """experiments.sweep --seeds: one run per seed and setting, all in the one group, CoLA's data order seeded too."""
+    from experiments import sweep
+
+    runs = sweep.commands(experiment="experiments.cola_roberta", configs=["cola_small.yaml"], epochs=[3],
+                          chunks=None, group="g", extra=[], stamp="t", seeds=[0, 1])
+    assert [r[r.index("--run.group") + 1] for r in runs] == ["g", "g"]
+    assert [r[r.index("--run.name") + 1] for r in runs] == ["cola_small-e3-s0-t", "cola_small-e3-s1-t"]
+    assert runs[1][-4:] == ["--seed_everything", "1", "--data.seed", "1"]
+    cifar = sweep.commands(experiment="experiments.cifar10_mobilenet", configs=[], epochs=[1], chunks=[4],
+                           group="g", extra=["--x"], stamp="t", seeds=[5])
+    assert cifar[0][-3:] == ["--seed_everything", "5", "--x"]
+
+
+def test_sweep_refuses_a_malformed_seed_list(capsys):
+    """The error names the value and shows the accepted forms."""
+    from experiments import sweep
+
+    with pytest.raises(SystemExit):
+        sweep.main(["--experiment", "experiments.cola_roberta", "--epochs", "3", "--seeds", "4-0", "--dry-run"])
+    assert "argument --seeds: --seeds '4-0': the range '4-0' runs backwards" in capsys.readouterr().err
