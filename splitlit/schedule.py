@@ -9,6 +9,10 @@ runs it; this module only writes the orders:
 * ``"1f1b"``: after two micro-batches fill the pipe, the client alternates a tail forward+backward with
   the next head forward, so at most three micro-batches' activations are held whatever the chunk count
   (gpipe holds all of them), with the same overlap.
+* ``"zb"`` (zero bubble): the backward of the server and of the client's tail is split into the input
+  gradient (``BACKWARD_INPUT``, what crosses the link) and the weight gradient (``BACKWARD_WEIGHT``, which
+  stays), so each gradient is sent as soon as it exists and the weight gradients are computed while it
+  travels (see :func:`u_order`). At most two micro-batches are held per stage.
 * forward-only, for validation, test and predict.
 
 Usage::
@@ -32,13 +36,39 @@ __all__ = ["ORDERS", "USchedule", "u_order"]
 
 F = _ComputationType.FORWARD
 B = _ComputationType.FULL_BACKWARD
+I = _ComputationType.BACKWARD_INPUT  # noqa: E741 - torch's own letter for it
+W = _ComputationType.BACKWARD_WEIGHT
 HEAD, SERVER, TAIL = 0, 1, 2
 CLIENT_RANK, SERVER_RANK = 0, 1
-ORDERS = ("gpipe", "1f1b")
+ORDERS = ("gpipe", "1f1b", "zb")
 
 
 def u_order(order: str | None, n: int) -> dict[int, list[_Action]]:
-    """Compute-only actions per rank for ``n`` micro-batches; ``order=None`` is forward-only."""
+    """Compute-only actions per rank for ``n`` micro-batches; ``order=None`` is forward-only.
+
+    ``"zb"`` follows Qi et al., "Zero Bubble Pipeline Parallelism" (ICLR 2024): a backward is two
+    computations, the input gradient I (on the critical path: the previous stage waits for it) and the weight
+    gradient W (needed only by the optimiser step), and W is moved to where the rank would otherwise wait.
+    Per micro-batch ``k``::
+
+        client: F0(0) | F2(k) I2(k) -> down gradient  F0(k+1) -> up activation  W2(k)  B0(k)
+        server:         F1(k)  W1(k-1)  I1(k) -> up gradient                      ...  W1(n-1)
+
+    Their ZBV places 2 stages per rank in a V (rank 0 holds the first and the last); ours is the same V with 3
+    stages on 2 ranks: the client's head and tail, the server's body. What differs from ZB-H1 / ZBV:
+
+    * the head's backward stays whole (B0): the head has no input gradient to send, so nothing waits for it;
+    * the server's W of micro-batch ``k-1`` runs between its forward and its input gradient of ``k``, exactly
+      while the client computes the tail of ``k`` (the server's wait in 1F1B); the client's W2 runs while its
+      down gradient crosses to the server and the up gradient comes back;
+    * only one micro-batch is ahead on the head (1F1B here keeps two): gloo carries one direction of a pair
+      of ranks on one TCP stream, so a small down gradient posted behind a large up activation waits for all
+      of it. Sending the next up activation only after the down gradient keeps the small messages ahead.
+
+    Memory, in micro-batches whose activations a stage holds (a forward not yet freed by its B or W): the head
+    at most 2, the tail 1, the server 2, whatever ``n`` (1F1B: 3, 1, 2; gpipe: n on every stage). ZB-H1 keeps
+    1F1B's memory too; ZB-H2's larger warm-up (more memory) buys nothing here, where the bubble is the link.
+    """
     fwd = lambda stage, mb: _Action(stage, F, mb)  # noqa: E731
     bwd = lambda stage, mb: _Action(stage, B, mb)  # noqa: E731
     if order is None:
@@ -66,6 +96,19 @@ def u_order(order: str | None, n: int) -> dict[int, list[_Action]]:
             server.append(bwd(SERVER, mb))
             if mb + warmup < n:
                 server.append(fwd(SERVER, mb + warmup))
+        return {CLIENT_RANK: client, SERVER_RANK: server}
+    if order == "zb":
+        client, server = [fwd(HEAD, 0)], []
+        for mb in range(n):
+            client += [fwd(TAIL, mb), _Action(TAIL, I, mb)]
+            if mb + 1 < n:
+                client.append(fwd(HEAD, mb + 1))
+            client += [_Action(TAIL, W, mb), bwd(HEAD, mb)]
+            server.append(fwd(SERVER, mb))
+            if mb > 0:
+                server.append(_Action(SERVER, W, mb - 1))
+            server.append(_Action(SERVER, I, mb))
+        server.append(_Action(SERVER, W, n - 1))
         return {CLIENT_RANK: client, SERVER_RANK: server}
     raise ValueError(f"Unknown pipeline order {order!r}; choose one of {ORDERS}.")
 
