@@ -12,7 +12,7 @@ runs it; this module only writes the orders:
 * ``"zb"`` (zero bubble): the backward of the server and of the client's tail is split into the input
   gradient (``BACKWARD_INPUT``, what crosses the link) and the weight gradient (``BACKWARD_WEIGHT``, which
   stays), so each gradient is sent as soon as it exists and the weight gradients are computed while it
-  travels (see :func:`u_order`). At most two micro-batches are held per stage.
+  travels (see :func:`u_order`), with 1f1b's memory.
 * forward-only, for validation, test and predict.
 
 Usage::
@@ -49,25 +49,22 @@ def u_order(order: str | None, n: int) -> dict[int, list[_Action]]:
     ``"zb"`` follows Qi et al., "Zero Bubble Pipeline Parallelism" (ICLR 2024): a backward is two
     computations, the input gradient I (on the critical path: the previous stage waits for it) and the weight
     gradient W (needed only by the optimiser step), and W is moved to where the rank would otherwise wait.
-    Per micro-batch ``k``::
+    It is 1f1b with the backward of the server and of the tail split; per micro-batch ``k`` after the warm-up::
 
-        client: F0(0) | F2(k) I2(k) -> down gradient  F0(k+1) -> up activation  W2(k)  B0(k)
-        server:         F1(k)  W1(k-1)  I1(k) -> up gradient                      ...  W1(n-1)
+        client: F2(k) I2(k) -> down gradient   F0(k+2) -> up activation   W2(k)   B0(k)
+        server: I1(k) -> up gradient   W1(k)   F1(k+2) -> down activation
 
-    Their ZBV places 2 stages per rank in a V (rank 0 holds the first and the last); ours is the same V with 3
-    stages on 2 ranks: the client's head and tail, the server's body. What differs from ZB-H1 / ZBV:
+    The client's W2 runs while its down gradient crosses to the server and the up gradient comes back (1f1b
+    waits there for the server's whole backward); the server's W1 runs while the client computes the tail of
+    the next micro-batch, whose down gradient it needs next. Their ZB-H1 is the same change to 1F1B on a
+    chain of stages; their ZBV places two stages per rank in a V (rank 0 holds the first and the last), and
+    ours is that V with three stages on two ranks: the client's head and tail, the server's body. Unlike ZBV,
+    the head's backward stays whole (B0): the head sends no input gradient, so nothing waits for it, and torch
+    computes a first stage's W as a whole backward anyway.
 
-    * the head's backward stays whole (B0): the head has no input gradient to send, so nothing waits for it;
-    * the server's W of micro-batch ``k-1`` runs between its forward and its input gradient of ``k``, exactly
-      while the client computes the tail of ``k`` (the server's wait in 1F1B); the client's W2 runs while its
-      down gradient crosses to the server and the up gradient comes back;
-    * only one micro-batch is ahead on the head (1F1B here keeps two): gloo carries one direction of a pair
-      of ranks on one TCP stream, so a small down gradient posted behind a large up activation waits for all
-      of it. Sending the next up activation only after the down gradient keeps the small messages ahead.
-
-    Memory, in micro-batches whose activations a stage holds (a forward not yet freed by its B or W): the head
-    at most 2, the tail 1, the server 2, whatever ``n`` (1F1B: 3, 1, 2; gpipe: n on every stage). ZB-H1 keeps
-    1F1B's memory too; ZB-H2's larger warm-up (more memory) buys nothing here, where the bubble is the link.
+    Memory is 1f1b's, in micro-batches whose activations a stage holds (a forward not yet freed by its B or
+    W): head 3, server 2, tail 1, whatever ``n`` (gpipe: ``n`` everywhere). ZB-H1 keeps 1F1B's memory too;
+    ZB-H2 buys the last bubbles with a longer warm-up (more memory), which a link-bound U does not need.
     """
     fwd = lambda stage, mb: _Action(stage, F, mb)  # noqa: E731
     bwd = lambda stage, mb: _Action(stage, B, mb)  # noqa: E731
@@ -98,17 +95,17 @@ def u_order(order: str | None, n: int) -> dict[int, list[_Action]]:
                 server.append(fwd(SERVER, mb + warmup))
         return {CLIENT_RANK: client, SERVER_RANK: server}
     if order == "zb":
-        client, server = [fwd(HEAD, 0)], []
+        warmup = min(2, n)
+        client = [fwd(HEAD, mb) for mb in range(warmup)]
+        server = [fwd(SERVER, mb) for mb in range(warmup)]
         for mb in range(n):
             client += [fwd(TAIL, mb), _Action(TAIL, I, mb)]
-            if mb + 1 < n:
-                client.append(fwd(HEAD, mb + 1))
+            if mb + warmup < n:
+                client.append(fwd(HEAD, mb + warmup))
             client += [_Action(TAIL, W, mb), bwd(HEAD, mb)]
-            server.append(fwd(SERVER, mb))
-            if mb > 0:
-                server.append(_Action(SERVER, W, mb - 1))
-            server.append(_Action(SERVER, I, mb))
-        server.append(_Action(SERVER, W, n - 1))
+            server += [_Action(SERVER, I, mb), _Action(SERVER, W, mb)]
+            if mb + warmup < n:
+                server.append(fwd(SERVER, mb + warmup))
         return {CLIENT_RANK: client, SERVER_RANK: server}
     raise ValueError(f"Unknown pipeline order {order!r}; choose one of {ORDERS}.")
 
