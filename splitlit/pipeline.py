@@ -81,7 +81,7 @@ class SplitPipeline:
         rank: 0 for the client, 1 for the server.
         device: where this rank's stages run.
         chunks: micro-batches per batch.
-        order: ``"1f1b"`` or ``"gpipe"`` (see :mod:`splitlit.schedule`).
+        order: ``"1f1b"``, ``"gpipe"`` or ``"zb"`` (see :mod:`splitlit.schedule`).
         timeout: seconds, only used to word errors; the process group enforces it.
         meter: records every tensor handed to the transport.
         wire: wire codecs per cut and direction (see :mod:`splitlit.wire`); both ranks must give the same.
