@@ -57,7 +57,8 @@ class Transfer:
 
 @dataclass(frozen=True)
 class Compute:
-    """One stage computation: ``what`` is "forward", "backward" or "backward_weight"."""
+    """One stage computation: ``what`` is "forward", "backward" (whole, or only the input gradient when the order
+    splits it, as ``"zb"`` does) or "backward_weight"."""
 
     what: str
     stage: int
@@ -73,7 +74,8 @@ class LinkMeter:
     Memory stays bounded when nothing resets it (a run without the measuring callbacks): ``transfers`` and
     ``computes`` keep the newest ``max_records`` records each (a callback that resets every batch never
     reaches that), while :meth:`bytes` and :meth:`compute_seconds` come from running totals that count every
-    record since the last reset, dropped or not. ``timed`` watches each transfer to its completion (see
+    record since the last reset, dropped or not (record computations with :meth:`add_compute`; appending to
+    ``computes`` directly skips the totals). ``timed`` watches each transfer to its completion (see
     :class:`_Watcher`: one waiting thread per peer and direction, not one per transfer).
     """
 
