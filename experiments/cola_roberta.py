@@ -20,11 +20,13 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import BinaryAccuracy, BinaryMatthewsCorrCoef
 
 from experiments.cola_data import CoLADataModule, hub_reachable, offline_hint, resolve_pretrained
 from splitlit import Split
+from splitlit.codecs import PowerIteration
 
 __all__ = ["CoLAClassifier", "MatthewsCorrCoef", "PRESETS", "load_encoder", "main", "split_encoder"]
 
@@ -191,6 +193,10 @@ class CoLAClassifier(L.LightningModule):
         warmup_ratio: share of the training steps with a linear warmup from 0.
         schedule: ``"linear"`` (decay to 0 at the last step after the warmup) or ``"constant"`` (after warmup).
         up_codec / down_codec: codecs at the client -> server and server -> client cuts (splitlit.codecs).
+
+    Logs ``train/loss``, ``val/loss``, ``val/mcc``, ``val/acc``, and with an up codec ``codec/up_rate``: what it
+    sends per sentence as a share of the raw hidden states [T, D] (the report's compression rate; it depends on
+    the padded length T, so a low-rank codec wants ``--data.padding max_length``).
     """
 
     def __init__(self, model_name_or_path: str = "roberta-base", pretrained: bool = True,
@@ -219,6 +225,7 @@ class CoLAClassifier(L.LightningModule):
         self.val_mcc = MatthewsCorrCoef()
         self.val_acc = BinaryAccuracy()
         self._split: Split | None = None
+        self._rates_seen: set[float] = set()
 
     @property
     def encoder(self) -> nn.Module:
@@ -237,11 +244,33 @@ class CoLAClassifier(L.LightningModule):
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.configure_split()(input_ids, attention_mask)
 
+    def up_rate(self, seq_len: int) -> float | None:
+        """The up codec's payload per sentence of ``seq_len`` tokens over the raw [T, D] (None without a codec)."""
+        if self.up_codec is None or not hasattr(self.up_codec, "rate"):
+            return None
+        return self.up_codec.rate((1, seq_len, self.encoder.config.hidden_size))
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        padding = getattr(getattr(datamodule, "hparams", None), "padding", None)
+        if isinstance(self.up_codec, PowerIteration) and padding == "longest":
+            rank_zero_warn(f"CoLAClassifier: PowerIteration(rank={self.up_codec.rank}) at the up cut with batches "
+                           f"padded to their longest sentence (CoLA: ~16 tokens) sends about as much as the raw "
+                           f"hidden states, and a batch of 8 tokens cannot be encoded at all. Pad to max_length "
+                           f"as the report did: --data.padding max_length.")
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         logits = self(*self.split_inputs(batch)).float()
         labels = batch["labels"]
         loss = F.cross_entropy(logits, labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=labels.shape[0])
+        rate = self.up_rate(batch["input_ids"].shape[1])
+        if rate is not None:
+            if rate not in self._rates_seen:
+                self._rates_seen.add(rate)
+                rank_zero_info(f"up codec {type(self.up_codec).__name__}({self.up_codec.extra_repr()}) on [{batch['input_ids'].shape[1]}, "
+                               f"{self.encoder.config.hidden_size}] per sentence: rate {rate:.3f}")
+            self.log("codec/up_rate", rate, on_step=False, on_epoch=True, batch_size=labels.shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

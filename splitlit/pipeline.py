@@ -89,7 +89,7 @@ class SplitPipeline:
         rank: 0 for the client, 1 for the server.
         device: where this rank's stages run.
         chunks: micro-batches per batch.
-        order: ``"1f1b"`` or ``"gpipe"`` (see :mod:`splitlit.schedule`).
+        order: ``"1f1b"``, ``"gpipe"`` or ``"zb"`` (see :mod:`splitlit.schedule`).
         timeout: seconds, only used to word errors; the process group enforces it.
         meter: records every tensor handed to the transport.
         ledger: books each step header the server receives (see :class:`splitlit.transport.Ledger`).

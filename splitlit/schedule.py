@@ -9,6 +9,10 @@ runs it; this module only writes the orders:
 * ``"1f1b"``: after two micro-batches fill the pipe, the client alternates a tail forward+backward with
   the next head forward, so at most three micro-batches' activations are held whatever the chunk count
   (gpipe holds all of them), with the same overlap.
+* ``"zb"`` (zero bubble): the backward of the server and of the client's tail is split into the input
+  gradient (``BACKWARD_INPUT``, what crosses the link) and the weight gradient (``BACKWARD_WEIGHT``, which
+  stays), so each gradient is sent as soon as it exists and the weight gradients are computed while it
+  travels (see :func:`u_order`), with 1f1b's memory.
 * forward-only, for validation, test and predict.
 
 Usage::
@@ -32,13 +36,36 @@ __all__ = ["ORDERS", "USchedule", "u_order"]
 
 F = _ComputationType.FORWARD
 B = _ComputationType.FULL_BACKWARD
+I = _ComputationType.BACKWARD_INPUT  # noqa: E741 - torch's own letter for it
+W = _ComputationType.BACKWARD_WEIGHT
 HEAD, SERVER, TAIL = 0, 1, 2
 CLIENT_RANK, SERVER_RANK = 0, 1
-ORDERS = ("gpipe", "1f1b")
+ORDERS = ("gpipe", "1f1b", "zb")
 
 
 def u_order(order: str | None, n: int) -> dict[int, list[_Action]]:
-    """Compute-only actions per rank for ``n`` micro-batches; ``order=None`` is forward-only."""
+    """Compute-only actions per rank for ``n`` micro-batches; ``order=None`` is forward-only.
+
+    ``"zb"`` follows Qi et al., "Zero Bubble Pipeline Parallelism" (ICLR 2024): a backward is two
+    computations, the input gradient I (on the critical path: the previous stage waits for it) and the weight
+    gradient W (needed only by the optimiser step), and W is moved to where the rank would otherwise wait.
+    It is 1f1b with the backward of the server and of the tail split; per micro-batch ``k`` after the warm-up::
+
+        client: F2(k) I2(k) -> down gradient   F0(k+2) -> up activation   W2(k)   B0(k)
+        server: I1(k) -> up gradient   W1(k)   F1(k+2) -> down activation
+
+    The client's W2 runs while its down gradient crosses to the server and the up gradient comes back (1f1b
+    waits there for the server's whole backward); the server's W1 runs while the client computes the tail of
+    the next micro-batch, whose down gradient it needs next. Their ZB-H1 is the same change to 1F1B on a
+    chain of stages; their ZBV places two stages per rank in a V (rank 0 holds the first and the last), and
+    ours is that V with three stages on two ranks: the client's head and tail, the server's body. Unlike ZBV,
+    the head's backward stays whole (B0): the head sends no input gradient, so nothing waits for it, and torch
+    computes a first stage's W as a whole backward anyway.
+
+    Memory is 1f1b's, in micro-batches whose activations a stage holds (a forward not yet freed by its B or
+    W): head 3, server 2, tail 1, whatever ``n`` (gpipe: ``n`` everywhere). ZB-H1 keeps 1F1B's memory too;
+    ZB-H2 buys the last bubbles with a longer warm-up (more memory), which a link-bound U does not need.
+    """
     fwd = lambda stage, mb: _Action(stage, F, mb)  # noqa: E731
     bwd = lambda stage, mb: _Action(stage, B, mb)  # noqa: E731
     if order is None:
@@ -64,6 +91,19 @@ def u_order(order: str | None, n: int) -> dict[int, list[_Action]]:
                 client.append(fwd(HEAD, mb + warmup))
             client.append(bwd(HEAD, mb))
             server.append(bwd(SERVER, mb))
+            if mb + warmup < n:
+                server.append(fwd(SERVER, mb + warmup))
+        return {CLIENT_RANK: client, SERVER_RANK: server}
+    if order == "zb":
+        warmup = min(2, n)
+        client = [fwd(HEAD, mb) for mb in range(warmup)]
+        server = [fwd(SERVER, mb) for mb in range(warmup)]
+        for mb in range(n):
+            client += [fwd(TAIL, mb), _Action(TAIL, I, mb)]
+            if mb + warmup < n:
+                client.append(fwd(HEAD, mb + warmup))
+            client += [_Action(TAIL, W, mb), bwd(HEAD, mb)]
+            server += [_Action(SERVER, I, mb), _Action(SERVER, W, mb)]
             if mb + warmup < n:
                 server.append(fwd(SERVER, mb + warmup))
         return {CLIENT_RANK: client, SERVER_RANK: server}

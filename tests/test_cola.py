@@ -137,6 +137,25 @@ def test_dev_set_scored_whole():
     assert 0.0 <= metrics["val/acc"] <= 1.0 and math.isfinite(metrics["val/loss"])
 
 
+def test_low_rank_codec_pads_to_max_length_and_reaches_the_reports_rate(dev_batch):
+    """padding='max_length' gives every batch max_length tokens, where rank 16 on roberta-base's 768 dimensions is the
+    report's rate of 0.146; padded to the longest sentence (16 here) rank 16 sends more than the raw tensor."""
+    dm = CoLADataModule(TOKENIZER, str(COLA), max_length=128, padding="max_length")
+    dm.setup("validate")
+    batch = dm.collate(dm.dev_set[500:512])
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (12, 128)
+    assert torch.equal(batch["attention_mask"][:, :16], dev_batch["attention_mask"][:, :16])
+    assert dev_batch["input_ids"].shape[1] == 16
+    codec = PowerIteration(rank=16)
+    assert codec.rate((1, 128, 768)) == pytest.approx(0.146, abs=5e-4)
+    with pytest.warns(UserWarning, match="saves nothing"):
+        assert codec.rate((1, 16, 768)) > 1.0
+    model = tiny_model(up_codec=codec)  # hidden 32: 16 * (128 + 32) / (128 * 32)
+    assert model.up_rate(128) == pytest.approx(0.625) and tiny_model().up_rate(128) is None
+    with pytest.raises(ValueError, match="padding='longest8'"):
+        CoLADataModule(TOKENIZER, str(COLA), padding="longest8")
+
+
 def test_mcc_is_zero_when_one_class_is_predicted():
     """MCC is 0 (not torchmetrics' ~0.025) when every prediction is one class, and the usual value otherwise."""
     labels = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1])
@@ -195,7 +214,8 @@ EXPECTED = {
                      "eps": 1e-6, "warmup_ratio": 0.06, "batch_size": 16},
     "cola_gpipe": {"split": False, "max_epochs": 20, "lr": 2e-5, "weight_decay": 1e-4, "batch_size": 32},
     "cola_gpipe_40": {"split": False, "max_epochs": 40, "lr": 2e-5, "weight_decay": 1e-4, "batch_size": 32},
-    "cola_pipeline_poweriter16": {"split": True, "max_epochs": 20, "lr": 2e-5, "up_rank": 16},
+    "cola_pipeline_poweriter16": {"split": True, "max_epochs": 20, "lr": 2e-5, "up_rank": 16, "max_length": 128,
+                                  "padding": "max_length"},
     "cola_small": {"split": True, "max_length": 64,
                    "model_name_or_path": "sentence-transformers/all-MiniLM-L6-v2"},
 }

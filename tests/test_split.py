@@ -66,7 +66,7 @@ def test_split_of_foreign_module_is_rejected():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"chunks": 0}, "chunks must be a positive integer"),
-    ({"order": "zigzag"}, r"order='zigzag'.*choose one of \('gpipe', '1f1b'\)"),
+    ({"order": "zigzag"}, r"order='zigzag'.*choose one of \('gpipe', '1f1b', 'zb'\)"),
     ({"timeout": -1}, "timeout=-1"),
 ])
 def test_strategy_arguments_are_checked(kwargs, match):
@@ -89,31 +89,54 @@ def test_short_batches_use_the_largest_divisor(batch, chunks, expected):
     assert microbatch_count(batch, chunks) == expected
 
 
-@pytest.mark.parametrize("order", ["gpipe", "1f1b", None])
+@pytest.mark.parametrize("order", ["gpipe", "1f1b", "zb", None])
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
 def test_orders_run_every_microbatch_once_per_stage(order, n):
-    """Each order has one forward (and one backward when training) per stage and micro-batch."""
+    """Per stage and micro-batch: one forward, then (training) one backward or an input then a weight gradient."""
     actions = u_order(order, n)
     assert {a.stage_index for a in actions[0]} == {0, 2} and {a.stage_index for a in actions[1]} == {1}
     for stage in range(3):
         rank = 1 if stage == 1 else 0
-        kinds = [a.computation_type.name for a in actions[rank] if a.stage_index == stage]
-        assert sorted(kinds) == sorted(["FORWARD"] * n + (["FULL_BACKWARD"] * n if order else []))
+        for mb in range(n):
+            kinds = [a.computation_type.name for a in actions[rank]
+                     if (a.stage_index, a.microbatch_index) == (stage, mb)]
+            assert kinds in (["FORWARD"], ["FORWARD", "FULL_BACKWARD"],
+                             ["FORWARD", "BACKWARD_INPUT", "BACKWARD_WEIGHT"])
+            assert (len(kinds) > 1) == (order is not None)
 
 
-def _peak_in_flight(order: str, n: int) -> int:
+def test_zb_splits_the_backward_where_a_gradient_crosses_the_link():
+    """Under zb the server and the tail send their input gradient before computing their weight gradient; the head
+    (nothing to send) keeps one backward."""
+    actions = u_order("zb", 4)
+    kinds = lambda rank, stage: {a.computation_type.name for a in actions[rank] if a.stage_index == stage}  # noqa: E731
+    assert kinds(1, 1) == kinds(0, 2) == {"FORWARD", "BACKWARD_INPUT", "BACKWARD_WEIGHT"}
+    assert kinds(0, 0) == {"FORWARD", "FULL_BACKWARD"}
+
+
+def _peak_live(order: str, n: int, stage: int) -> int:
+    """Micro-batches whose activations ``stage`` holds at once: a forward, until its whole or weight backward."""
     live = peak = 0
-    for a in u_order(order, n)[0]:
-        if a.stage_index == 0:
-            live += 1 if a.computation_type.name == "FORWARD" else -1
+    for a in u_order(order, n)[1 if stage == 1 else 0]:
+        if a.stage_index == stage:
+            kind = a.computation_type.name
+            live += {"FORWARD": 1, "FULL_BACKWARD": -1, "BACKWARD_WEIGHT": -1}.get(kind, 0)
             peak = max(peak, live)
     return peak
 
 
 def test_1f1b_bounds_microbatches_in_flight():
     """Under 1f1b the client holds at most three head activations whatever the chunk count; gpipe holds all."""
-    assert [_peak_in_flight("1f1b", n) for n in (1, 2, 4, 8, 16)] == [1, 2, 3, 3, 3]
-    assert _peak_in_flight("gpipe", 8) == 8
+    assert [_peak_live("1f1b", n, 0) for n in (1, 2, 4, 8, 16)] == [1, 2, 3, 3, 3]
+    assert _peak_live("gpipe", 8, 0) == 8
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_zb_holds_as_many_microbatches_as_1f1b(stage):
+    """zb's activation memory is 1F1B's: per stage the same number of live micro-batches, whatever the chunk count."""
+    counts = [_peak_live("zb", n, stage) for n in (1, 2, 4, 8, 16)]
+    assert counts == [_peak_live("1f1b", n, stage) for n in (1, 2, 4, 8, 16)]
+    assert counts[2:] == [{0: 3, 1: 2, 2: 1}[stage]] * 3
 
 
 def test_slice_batch_cuts_every_batch_sized_entry():

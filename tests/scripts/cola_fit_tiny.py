@@ -1,6 +1,6 @@
 """A few CoLA training steps of a tiny random RoBERTa (real tokenizer and data), split or unsplit.
 
-    python tests/scripts/cola_fit_tiny.py --out DIR [--chunks 4]     # split on two ranks
+    python tests/scripts/cola_fit_tiny.py --out DIR [--chunks 4] [--order zb]     # split on two ranks
     python tests/scripts/cola_fit_tiny.py --out DIR --chunks 0       # unsplit, one process
 
 Rank 0 writes DIR/weights.pt (the whole model's trained state, gathered from both ranks by the checkpoint) and
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--order", default="1f1b")
     args = parser.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0)
@@ -75,7 +76,7 @@ def main() -> None:
     split = args.chunks > 0
     record = Record()
     trainer = L.Trainer(accelerator="cpu", devices=2 if split else 1,
-                        strategy=SplitPipelineStrategy(chunks=args.chunks, timeout=60) if split else "auto",
+                        strategy=SplitPipelineStrategy(chunks=args.chunks, order=args.order, timeout=60) if split else "auto",
                         max_epochs=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[record])
     trainer.fit(model, datamodule=data)

@@ -4,7 +4,9 @@
 
 Dumps, per rank, the first optimiser step's loss and gradients (before clipping) and the final weights
 to DIR/rank{r}.pt, and the client's validation logits to DIR/val_logits.pt. ``--unsplit`` runs the same
-module on one process with Lightning's default strategy, which is the reference.
+module on one process with Lightning's default strategy, which is the reference. ``--order 1f1b,zb`` trains
+once per order in the same two processes (fresh model and Trainer each time, no second start-up) and dumps
+into DIR/<order>/.
 """
 
 from __future__ import annotations
@@ -124,7 +126,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--fail-call", type=int, default=None, help="the body raises ValueError at this forward call")
     args = p.parse_args(argv)
+    orders = args.order.split(",")
+    dumps = [_fit(args, order, args.out / order if len(orders) > 1 else args.out) for order in orders]
+    return dumps[-1]
 
+
+def _fit(args: argparse.Namespace, order: str, out: Path) -> dict:
     L.seed_everything(0, verbose=False)
     model = Toy(broken=args.broken, split_hook=not args.no_split_hook)
     if args.fail_call is not None:
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.unsplit:
         kw = dict(accelerator="cpu", devices=1)
     else:
-        strategy = SplitPipelineStrategy(chunks=args.chunks, order=args.order, timeout=args.timeout)
+        strategy = SplitPipelineStrategy(chunks=args.chunks, order=order, timeout=args.timeout)
         kw = dict(accelerator="cpu", strategy=strategy,
                   **(dict(num_nodes=2, devices=1) if args.two_hosts else dict(devices=args.devices)))
     trainer = L.Trainer(max_steps=args.steps, accumulate_grad_batches=args.accumulate,
@@ -146,10 +153,10 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.validate(model, valid, verbose=False)
     state = {k: v for k, v in model.state_dict().items() if not v.is_meta}
     dump = {"loss": model.first_loss, "grads": model.first_grads, "state": state, "logged": logged}
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.save(dump, args.out / f"rank{trainer.global_rank}.pt")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(dump, out / f"rank{trainer.global_rank}.pt")
     if trainer.global_rank == 0:
-        torch.save(torch.cat(model.val_logits), args.out / "val_logits.pt")
+        torch.save(torch.cat(model.val_logits), out / "val_logits.pt")
     return dump
 
 
