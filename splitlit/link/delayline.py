@@ -148,6 +148,8 @@ class DelayLine:
         report = {"up": self.up.stats.as_dict(), "down": self.down.stats.as_dict(), "cpu_s": round(cpu, 3),
                   "wall_s": round(wall, 3), "cpu_pct_of_one_core": round(100 * cpu / max(wall, 1e-9), 2)}
         if orphaned:  # the launcher was killed: remove what it made, and exit
+            print(f"splitlit.link: the launcher (pid {parent}) is gone; the delay line removes "
+                  f"{', '.join(self.netns.values())}", file=sys.stderr, flush=True)
             for name in self.netns.values():
                 remove_netns(name)
             return 0
