@@ -24,7 +24,8 @@ _WHERE = {
     "SplitPipelineStrategy": "splitlit.strategy",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = ["Codec", "ConvInsert", "LinkMeter", "MeteredStage", "PeerLostError", "PowerIteration", "Split", "SplitError",
+           "SplitPipeline", "SplitPipelineStrategy", "Transfer", "make_codec"]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from splitlit.codecs import Codec, ConvInsert, PowerIteration, make_codec

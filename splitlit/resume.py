@@ -17,6 +17,7 @@ and the server's share crosses as plain tensors.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -24,12 +25,33 @@ from typing import Any
 
 import torch
 
-__all__ = ["ResumableLoader", "ServerBatches", "rank_seed", "rng_state", "set_rng_state"]
+__all__ = ["ResumableLoader", "ServerBatches", "rank_seed", "rng_state", "seed_rank_apart", "set_rng_state"]
 
 
 def rank_seed(seed: int, rank: int) -> int:
     """A seed of its own for ``rank``, derived from the run's ``seed`` (so each rank draws its own dropout)."""
     return int.from_bytes(hashlib.sha256(f"splitlit:{seed}:{rank}".encode()).digest()[:4], "little")
+
+
+def seed_rank_apart(rank: int) -> None:
+    """In a seeded run, the server draws its own random stream (its dropout), derived from the run's seed.
+
+    Both ranks start from the same seed; left alike, the server's dropout masks would repeat the client's draws
+    (as torchtitan does, each pipeline rank is seeded apart). The client keeps the run's stream, so its data
+    order and augmentation are those of the unsplit run.
+    """
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    if rank == 0 or seed is None:  # the client keeps the run's stream
+        return
+    derived = rank_seed(int(seed), rank)
+    torch.manual_seed(derived)
+    random.seed(derived)
+    try:
+        import numpy as np
+
+        np.random.seed(derived)
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def rng_state() -> dict[str, Any]:

@@ -20,32 +20,33 @@ the pipeline's output for that micro-batch), so the same module trains unsplit u
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
 import logging
 import os
 import pickle
-import random
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from typing_extensions import override
 
+from splitlit.following import BROADCAST, DECIDE, SAVE, follow_client_resume, lead_or_follow
+from splitlit.microbatch import _head_inputs, _LogsPerBatch, _returning, _slice_batch
 from splitlit.pipeline import CLIENT, SERVER, PeerLostError, SplitPipeline, link_errors
-from splitlit.resume import ResumableLoader, ServerBatches, rank_seed, rng_state, set_rng_state
+from splitlit.placement import (_disable_metric_sync, _keep_data_off_server, _keep_own_params, _meta_limitation,
+                                _owned_tensors, _split_of, _tensor_names, _to_meta_except)
+from splitlit.resume import ResumableLoader, ServerBatches, rng_state, seed_rank_apart, set_rng_state
 from splitlit.schedule import ORDERS
 from splitlit.split import Split, SplitError
 from splitlit.stage import LinkMeter
@@ -151,7 +152,7 @@ class SplitPipelineStrategy(DDPStrategy):
         authenticate(dist.distributed_c10d._get_default_store(), rank=self.global_rank, secret=secret,
                      timeout=self.timeout_s, run_id=str(next(_AUTH_ROUNDS)))  # a fresh round per fit in this job
         log.info("rank %d is the %s", self.global_rank, self.role)
-        _seed_rank_apart(self.global_rank)
+        seed_rank_apart(self.global_rank)
         comm = torch.device("cpu") if dist.get_backend() == "gloo" else self.root_device
         self._channel = Channel(self.global_rank, comm, self.ledger)
         trainer = self.lightning_module.trainer
@@ -160,7 +161,7 @@ class SplitPipelineStrategy(DDPStrategy):
         trainer._accelerator_connector.use_distributed_sampler = False
         if not self.is_client:
             _keep_data_off_server(trainer)
-        _follow_client_resume(trainer, self)
+        follow_client_resume(trainer, self)
 
     @override
     def setup(self, trainer: Trainer) -> None:
@@ -193,7 +194,7 @@ class SplitPipelineStrategy(DDPStrategy):
         # 6. Callbacks that read metrics decide on the client; the server follows their decisions.
         for callback in trainer.callbacks:
             if isinstance(callback, (ModelCheckpoint, EarlyStopping)):
-                _lead_or_follow(callback, self)
+                lead_or_follow(callback, self)
 
     def _check_precision(self) -> None:
         plugin = self.precision_plugin
@@ -381,14 +382,14 @@ class SplitPipelineStrategy(DDPStrategy):
         """Lightning's broadcasts (paths, flags) as tensors, never pickles; inside a client-led hook, announced."""
         assert self._channel is not None
         with self._link_errors("a broadcast"):
-            self._announce(_BROADCAST)
+            self._announce(BROADCAST)
             return self._channel.broadcast(obj, src=src, what="decision")
 
     @override
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         assert self._channel is not None
         with self._link_errors("a decision"):
-            self._announce(_DECIDE)
+            self._announce(DECIDE)
             (value,) = self._channel.broadcast_numbers([int(bool(decision))] if self.is_client else None, length=1,
                                                        src=CLIENT, what="decision")
         return bool(value)
@@ -455,7 +456,7 @@ class SplitPipelineStrategy(DDPStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         """The server sends the client its share; the client merges it and writes the file."""
         assert self._channel is not None
-        self._announce(_SAVE, int(_is_weights_only(checkpoint)))
+        self._announce(SAVE, int(_is_weights_only(checkpoint)))
         checkpoint[_RNG_KEY] = rng_state()  # each rank's own random state, restored on resume
         with link_errors("checkpointing (the server's share)", rank=self.global_rank, timeout=self.timeout_s):
             if not self.is_client:
@@ -596,94 +597,14 @@ class SplitPipelineStrategy(DDPStrategy):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 _AUTH_ROUNDS = itertools.count()
-_DONE, _SAVE, _DECIDE, _BROADCAST = 0, 1, 2, 3
-_LED_HOOKS = ("on_train_batch_end", "on_train_epoch_end", "on_validation_end", "on_train_end")
 _SERVER_KEY = "split_server"  # the server's loops, schedulers and precision state in the client's file
 _RNG_KEY = "split_rng"
 _SERVER_SHARE = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "epoch", "global_step",
                  "pytorch-lightning_version", "MixedPrecision", _RNG_KEY)
-
-
-def _lead_or_follow(callback: Callback, strategy: SplitPipelineStrategy) -> None:
-    """Run a metric-reading callback's hooks on the client only; the server repeats its collectives, in order.
-
-    The client runs the hook and announces each collective it makes (a save, a decision, a broadcast), then
-    "done" with its ``trainer.should_stop``; the server takes part in each and learns the decisions, never the
-    metrics. Replaced on the instance, so Lightning still sees a ``ModelCheckpoint`` or ``EarlyStopping``.
-    """
-    for name in _LED_HOOKS:
-        hook = getattr(callback, name)
-        if getattr(hook, "_split_led", False):
-            continue
-        led = functools.partial(_led_hook, hook, strategy)
-        led._split_led = True  # type: ignore[attr-defined]
-        setattr(callback, name, led)
-
-
-def _led_hook(hook: Callable, strategy: SplitPipelineStrategy, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
-    channel = strategy._channel
-    assert channel is not None
-    strategy._protocol = True
-    try:
-        if strategy.is_client:
-            hook(trainer, *args, **kwargs)
-            channel.broadcast_numbers([_DONE, int(trainer.should_stop)], length=2, src=CLIENT, what="decision")
-            return
-        while True:
-            op, arg = channel.broadcast_numbers(None, length=2, src=CLIENT, what="decision")
-            if op == _DONE:
-                trainer.should_stop = bool(arg)
-                return
-            if op == _SAVE:
-                trainer.save_checkpoint("<written by the client>", weights_only=bool(arg))
-            elif op == _DECIDE:
-                strategy.reduce_boolean_decision(False)
-            elif op == _BROADCAST:
-                strategy.broadcast(None)
-            else:
-                raise RuntimeError(f"The client sent an unknown callback step {op}: both ranks must run the same "
-                                   f"splitlit version.")
-    finally:
-        strategy._protocol = False
-
-
-def _seed_rank_apart(rank: int) -> None:
-    """In a seeded run, the server draws its own random stream (its dropout), derived from the run's seed.
-
-    Both ranks start from the same seed; left alike, the server's dropout masks would repeat the client's draws
-    (as torchtitan does, each pipeline rank is seeded apart). The client keeps the run's stream, so its data
-    order and augmentation are those of the unsplit run.
-    """
-    seed = os.environ.get("PL_GLOBAL_SEED")
-    if rank == CLIENT or seed is None:
-        return
-    derived = rank_seed(int(seed), rank)
-    torch.manual_seed(derived)
-    random.seed(derived)
-    try:
-        import numpy as np
-
-        np.random.seed(derived)
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def _follow_client_resume(trainer: Trainer, strategy: SplitPipelineStrategy) -> None:
-    """Only the client resolves and reads ``ckpt_path``; the server resumes exactly when the client does."""
-    connector = trainer._checkpoint_connector
-    original = getattr(connector.resume_start, "_split_original", connector.resume_start)
-
-    def resume_start(checkpoint_path: Any = None, weights_only: bool | None = None) -> None:
-        assert strategy._channel is not None
-        (resumes,) = strategy._channel.broadcast_numbers([int(bool(checkpoint_path))] if strategy.is_client else None,
-                                                      length=1, src=CLIENT, what="decision")
-        if not strategy.is_client:
-            checkpoint_path = "<read by the client>" if resumes else None
-        original(checkpoint_path, weights_only)
-
-    resume_start._split_original = original  # type: ignore[attr-defined]
-    connector.resume_start = resume_start
 
 
 def _is_weights_only(checkpoint: Mapping[str, Any]) -> bool:
@@ -702,176 +623,3 @@ def _check_share(weights: Mapping[str, Any], expected: list[str], what: str) -> 
     if unexpected:
         raise KeyError(f"The client sent the server {what} it does not own: {unexpected[:5]}. Both ranks must run "
                        f"the same model and split.")
-
-
-def _keep_data_off_server(trainer: Trainer) -> None:
-    """The server never prepares, sets up or loads data: the data hooks of the datamodule and of the
-    LightningModule become no-ops there (loaders passed to ``fit`` are never iterated: see process_dataloader)."""
-    loaders = ("train_dataloader", "val_dataloader", "test_dataloader", "predict_dataloader")
-    # Replace only what the class overrides, so Lightning's is_overridden() answers the same on both ranks.
-    module = trainer.lightning_module
-    for hook in loaders:
-        if module is not None and is_overridden(hook, module):
-            setattr(module, hook, lambda: ServerBatches(0))
-    dm = trainer.datamodule
-    if dm is None:
-        return
-    for hook in ("prepare_data", "setup", "teardown"):
-        if is_overridden(hook, dm):
-            setattr(dm, hook, lambda *a, **k: None)
-    for hook in loaders:
-        if is_overridden(hook, dm):
-            setattr(dm, hook, lambda: ServerBatches(0))
-
-
-def _split_of(module: LightningModule) -> Split:
-    hook = getattr(module, "configure_split", None)
-    if hook is None:
-        raise MisconfigurationException(
-            f"{type(module).__name__} has no configure_split() hook, so SplitPipelineStrategy cannot tell the "
-            f"client's layers from the server's. Add `def configure_split(self) -> splitlit.Split` returning "
-            f"Split(head=..., body=..., tail=...)."
-        )
-    split = hook()
-    if not isinstance(split, Split):
-        raise MisconfigurationException(
-            f"{type(module).__name__}.configure_split() must return a splitlit.Split, got {type(split).__name__}."
-        )
-    owned = {id(t) for t in list(module.parameters()) + list(module.buffers())}
-    for part in ("head", "body", "tail", "up", "down"):
-        value = getattr(split, part)
-        if value is not None and any(id(t) not in owned for t in list(value.parameters()) + list(value.buffers())):
-            raise SplitError(
-                f"Split.{part} ({type(value).__name__}) has tensors that are not part of {type(module).__name__}: "
-                f"assign its layers to attributes in __init__ (self.{part} = ...) so they are saved, loaded and "
-                f"moved with the model."
-            )
-    return split
-
-
-def _owned_tensors(split: Split, module: nn.Module, is_client: bool) -> set[int]:
-    """Ids of the parameters and buffers a rank owns: the server the body and its halves of the codecs, the
-    client everything else (head, tail, codec halves and any tensor outside the split)."""
-    server = {id(t) for m in split.server_modules() for t in list(m.parameters()) + list(m.buffers())}
-    if not is_client:
-        return server
-    return {id(t) for t in list(module.parameters()) + list(module.buffers())} - server
-
-
-def _tensor_names(module: nn.Module, ids: set[int]) -> list[str]:
-    return [k for k, v in module.state_dict(keep_vars=True).items() if id(v) in ids]
-
-
-def _to_meta_except(module: nn.Module, keep: set[int], device: torch.device) -> None:
-    """Move the tensors in ``keep`` to ``device`` and every other one to ``meta`` (shape only, no memory)."""
-    for sub in module.modules():
-        for name, p in list(sub._parameters.items()):
-            if p is None or p.is_meta:
-                continue
-            if id(p) in keep:
-                p.data = p.data.to(device)
-            else:
-                sub._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
-        for name, b in list(sub._buffers.items()):
-            if b is not None and not b.is_meta:
-                sub._buffers[name] = b.to(device) if id(b) in keep else b.to("meta")
-
-
-def _keep_own_params(optimizers: list, owned: list[nn.Parameter], role: str) -> None:
-    ids = {id(p) for p in owned}
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["params"] = [p for p in group["params"] if id(p) in ids]
-        if not any(group["params"] for group in optimizer.param_groups):
-            log.warning("the %s owns no parameter of optimizer %s", role, type(optimizer).__name__)
-
-
-def _meta_limitation(err: BaseException | None) -> bool:
-    text = str(err).lower()
-    return isinstance(err, NotImplementedError) or "meta" in text or "item()" in text or "data-dependent" in text
-
-
-def _disable_metric_sync(module: nn.Module) -> None:
-    try:
-        from torchmetrics import Metric
-    except ImportError:  # pragma: no cover - torchmetrics is a dependency
-        return
-    for m in module.modules():
-        if isinstance(m, Metric):
-            m.sync_on_compute = False
-            m._to_sync = False  # torchmetrics copies sync_on_compute here at construction
-            m.dist_sync_on_step = False
-
-
-def _head_inputs(module: LightningModule, batch: Any) -> tuple[Tensor, ...]:
-    hook: Callable | None = getattr(module, "split_inputs", None)
-    if hook is not None:
-        inputs = hook(batch)
-        return inputs if isinstance(inputs, tuple) else (inputs,)
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return (batch[0],)
-    raise MisconfigurationException(
-        f"SplitPipelineStrategy cannot tell the head's inputs in a {type(batch).__name__} batch. Define "
-        f"`split_inputs(self, batch)` on {type(module).__name__} returning the tensors the head takes."
-    )
-
-
-def _slice_batch(batch: Any, start: int, stop: int, size: int) -> Any:
-    """The micro-batch [start, stop) of every tensor or list whose first dimension is the batch."""
-    if isinstance(batch, Tensor):
-        return batch[start:stop] if batch.ndim and batch.shape[0] == size else batch
-    if isinstance(batch, Mapping):
-        return type(batch)({k: _slice_batch(v, start, stop, size) for k, v in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_slice_batch(v, start, stop, size) for v in batch))
-    if isinstance(batch, (tuple, list)):
-        if len(batch) == size and not any(isinstance(v, (Tensor, Mapping, tuple, list)) for v in batch):
-            return type(batch)(batch[start:stop])
-        return type(batch)(_slice_batch(v, start, stop, size) for v in batch)
-    return batch
-
-
-class _LogsPerBatch:
-    """Collects what ``training_step`` logs for each micro-batch and logs it once for the batch.
-
-    Values are combined with the logged ``reduce_fx`` (mean by default, over equal micro-batches: the value an
-    unsplit step logs); a logged torchmetrics object has already seen every micro-batch and is logged once.
-    """
-
-    _COMBINE = {"mean": torch.mean, "sum": torch.sum, "max": torch.max, "min": torch.min}
-
-    def __init__(self, module: LightningModule) -> None:
-        self.module = module
-        self.calls: dict[str, tuple[list[Any], dict[str, Any]]] = {}
-
-    def _record(self, name: str, value: Any, **kwargs: Any) -> None:
-        self.calls.setdefault(name, ([], kwargs))[0].append(value)
-
-    def __enter__(self) -> _LogsPerBatch:
-        self.module.log = self._record  # type: ignore[method-assign]
-        return self
-
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        del self.module.log
-        if exc_type is not None:
-            return
-        for name, (values, kwargs) in self.calls.items():
-            last = values[-1]
-            if isinstance(last, (Tensor, float, int)) and not isinstance(last, bool):
-                reduce = kwargs.get("reduce_fx", "mean")
-                combine = self._COMBINE.get(reduce if isinstance(reduce, str) else "", None)
-                if combine is not None:
-                    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32).detach().reshape(())
-                                           for v in values])
-                    last = combine(stacked)
-            self.module.log(name, last, **kwargs)
-
-
-@contextmanager
-def _returning(module: LightningModule, output: Any) -> Iterator[None]:
-    """Within the block, ``module(...)`` returns ``output`` (what the pipeline computed) instead of running."""
-    module.forward = lambda *args, **kwargs: output  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del module.forward
