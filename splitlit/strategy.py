@@ -64,7 +64,8 @@ class SplitPipelineStrategy(DDPStrategy):
     Args:
         chunks: micro-batches per batch. A training batch must be a multiple of it (checked at setup);
             a shorter last batch runs with the largest divisor of its size.
-        order: ``"1f1b"`` (default, less memory) or ``"gpipe"`` (fill-drain).
+        order: ``"1f1b"`` (default, less memory), ``"gpipe"`` (fill-drain) or ``"zb"`` (1f1b with the server's and
+            the tail's weight gradients computed while the input gradient crosses the link; see splitlit.schedule).
         timeout: seconds either rank waits for the other before failing with a clear error.
         setup_timeout: seconds the server waits for the client's setup, where the client may work alone for
             minutes (codec calibration); a client that dies meanwhile still ends the wait at once.
