@@ -78,13 +78,15 @@ def stream_rate(link: ShapedLink, sender: str, receiver: str, nbytes: int, secon
 
     The rate is that of the stream's second half: the first half covers TCP's slow start, which on a long round
     trip takes several of them (10 segments doubling each round trip: ~5 round trips to fill 100 Mbit/s x 50 ms).
-    It is the least-squares slope of the bytes received against time over that half, so one late wake-up of
-    this thread (which bunches what arrived meanwhile into one read) hardly moves it.
+    Its two ends are timed by the kernel (``SO_TIMESTAMPNS``: the arrival of the last segment each read
+    returns), so a late wake-up of this thread, which bunches what arrived meanwhile into one read, moves
+    neither end.
     """
     limit = 10 + 20 * seconds + 40 * link.spec.delay_s
     with contextlib.ExitStack() as sockets:
         with in_netns(link.netns[receiver]):
             server = sockets.enter_context(socket.create_server((link.spec.addr(receiver), 0)))
+            server.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)  # the accepted socket inherits it
         with in_netns(link.netns[sender]):
             client = sockets.enter_context(socket.create_connection(
                 (link.spec.addr(receiver), server.getsockname()[1]), timeout=limit))
@@ -107,30 +109,30 @@ def stream_rate(link: ShapedLink, sender: str, receiver: str, nbytes: int, secon
         with conn:
             conn.settimeout(limit)
             buf = bytearray(1 << 18)
-            got, samples = 0, []
+            got, half = 0, None
             while got < nbytes and not errors:
-                n = conn.recv_into(buf)
+                n, arrived = _receive_stream(conn, buf)
                 if n == 0:
                     break
                 got += n
-                if got >= nbytes // 2:
-                    samples.append((time.perf_counter(), got))
+                if half is None and got >= nbytes // 2:
+                    half = (got, arrived)
+            end = (got, arrived)
         thread.join(limit)
     if errors or got < nbytes:
         raise LinkError(f"the bandwidth probe {sender} -> {receiver} got {got} of {nbytes} bytes "
                         f"({errors[0] if errors else 'connection closed'}).")
-    return _slope(samples) * 8 / 1e6
+    return (end[0] - half[0]) * 8 / max(end[1] - half[1], 1e-9) / 1e6
 
 
-def _slope(samples: list[tuple[float, int]]) -> float:
-    """Least-squares bytes per second through (time, bytes received) samples."""
-    if len(samples) < 2 or samples[-1][0] <= samples[0][0]:
-        return 0.0
-    n = len(samples)
-    mean_t = sum(t for t, _ in samples) / n
-    mean_b = sum(b for _, b in samples) / n
-    var = sum((t - mean_t) ** 2 for t, _ in samples)
-    return sum((t - mean_t) * (b - mean_b) for t, b in samples) / var if var > 0 else 0.0
+def _receive_stream(conn: socket.socket, buf: bytearray) -> tuple[int, float]:
+    """(bytes read into ``buf``, when the kernel received the last of them, as ``time.time()``)."""
+    n, ancillary, _, _ = conn.recvmsg_into([buf], socket.CMSG_SPACE(_TIMESPEC.size))
+    for level, kind, value in ancillary:
+        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+            sec, nsec = _TIMESPEC.unpack(value[:_TIMESPEC.size])
+            return n, sec + nsec * 1e-9
+    return n, time.time()
 
 
 def ping(link: ShapedLink, count: int = 20, interval: float = 0.005) -> dict[str, float]:
