@@ -76,12 +76,16 @@ def probe_rates(link: ShapedLink, seconds: float = 1.0, tries: int = 3) -> dict[
 def stream_rate(link: ShapedLink, sender: str, receiver: str, nbytes: int, seconds: float) -> float:
     """Mbit/s of payload one TCP stream of ``nbytes`` delivers from ``sender`` to ``receiver``.
 
-    The rate is that of the stream's second half: the first half covers TCP's slow start, which on a long round
-    trip takes several of them (10 segments doubling each round trip: ~5 round trips to fill 100 Mbit/s x 50 ms).
-    It is the least-squares slope of the bytes received against time over that half, so one late wake-up of
-    this thread (which bunches what arrived meanwhile into one read) hardly moves it.
+    Timed after TCP's slow start (~8 round trips of data; none on a link without delay), from a short read (this
+    thread was waiting for data, so its clock is not behind the stream: a late read would shorten the time and
+    inflate the rate) to the last byte; on a link with delay, as the median rate of 8 windows of that span (see
+    :func:`_median_rate`).
     """
     limit = 10 + 20 * seconds + 40 * link.spec.delay_s
+    # Bytes of TCP's slow start, left out of the timing: ~8 round trips at the rate (10 segments doubling per
+    # round trip fill 100 Mbit/s x 50 ms in ~5, then recover from the overshoot), at most half the stream.
+    round_trip = 2 * (link.spec.delay_s + link.spec.jitter_s)
+    slow_start = min(nbytes // 2, int(link.spec.rate("up" if sender == "client" else "down") / 8 * 8 * round_trip))
     with contextlib.ExitStack() as sockets:
         with in_netns(link.netns[receiver]):
             server = sockets.enter_context(socket.create_server((link.spec.addr(receiver), 0)))
@@ -107,30 +111,36 @@ def stream_rate(link: ShapedLink, sender: str, receiver: str, nbytes: int, secon
         with conn:
             conn.settimeout(limit)
             buf = bytearray(1 << 18)
-            got, samples = 0, []
+            got, timely = 0, []  # (bytes so far, time) at short reads: this thread was waiting, not behind
             while got < nbytes and not errors:
                 n = conn.recv_into(buf)
                 if n == 0:
                     break
                 got += n
-                if got >= nbytes // 2:
-                    samples.append((time.perf_counter(), got))
+                if got > slow_start and n < len(buf) // 4:
+                    timely.append((got, time.perf_counter()))
+            timely.append((got, time.perf_counter()))  # the end: a late read here only lowers the rate
         thread.join(limit)
     if errors or got < nbytes:
         raise LinkError(f"the bandwidth probe {sender} -> {receiver} got {got} of {nbytes} bytes "
                         f"({errors[0] if errors else 'connection closed'}).")
-    return _slope(samples) * 8 / 1e6
+    # Without delay, one window (tbf's bucket lets a short window run over the rate after a pause of the
+    # sender); with delay, 8, whose median discounts loss repairs (the delay line has no bucket).
+    windows = 8 if slow_start else 1
+    return _median_rate(timely, max(1, (timely[-1][0] - timely[0][0]) // windows)) * 8 / 1e6
 
 
-def _slope(samples: list[tuple[float, int]]) -> float:
-    """Least-squares bytes per second through (time, bytes received) samples."""
-    if len(samples) < 2 or samples[-1][0] <= samples[0][0]:
-        return 0.0
-    n = len(samples)
-    mean_t = sum(t for t, _ in samples) / n
-    mean_b = sum(b for _, b in samples) / n
-    var = sum((t - mean_t) ** 2 for t, _ in samples)
-    return sum((t - mean_t) * (b - mean_b) for t, b in samples) / var if var > 0 else 0.0
+def _median_rate(timely: list[tuple[int, float]], window: int) -> float:
+    """Bytes per second: the median over consecutive windows of at least ``window`` bytes between timely reads.
+
+    One window can be too fast (it received at once what TCP held back while repairing a loss, data that
+    arrived in the window before) and the one before it too slow; the median keeps neither."""
+    rates, (b0, t0) = [], timely[0] if timely else (0, 0.0)
+    for b, t in timely[1:]:
+        if b - b0 >= window and t > t0:
+            rates.append((b - b0) / (t - t0))
+            b0, t0 = b, t
+    return statistics.median(rates) if rates else 0.0
 
 
 def ping(link: ShapedLink, count: int = 20, interval: float = 0.005) -> dict[str, float]:
