@@ -49,10 +49,12 @@ def _led_hook(hook: Callable, strategy: SplitPipelineStrategy, trainer: Trainer,
     try:
         if strategy.is_client:
             hook(trainer, *args, **kwargs)
-            channel.broadcast_numbers([DONE, int(trainer.should_stop)], length=2, src=CLIENT, what="decision")
+            with strategy._link_errors("the end of a checkpoint or early-stopping decision"):
+                channel.broadcast_numbers([DONE, int(trainer.should_stop)], length=2, src=CLIENT, what="decision")
             return
         while True:
-            op, arg = channel.broadcast_numbers(None, length=2, src=CLIENT, what="decision")
+            with strategy._link_errors("waiting for the client's checkpoint or early-stopping decision"):
+                op, arg = channel.broadcast_numbers(None, length=2, src=CLIENT, what="decision")
             if op == DONE:
                 trainer.should_stop = bool(arg)
                 return

@@ -426,7 +426,8 @@ class SplitPipelineStrategy(DDPStrategy):
         """Inside a client-led hook, tell the following server which collective comes next."""
         if self._protocol and self.is_client:
             assert self._channel is not None
-            self._channel.broadcast_numbers([op, arg], length=2, src=CLIENT, what="decision")
+            with self._link_errors("a checkpoint or early-stopping decision"):
+                self._channel.broadcast_numbers([op, arg], length=2, src=CLIENT, what="decision")
 
     def _clip_grad_by_global_norm(self, optimizer: Any, clip_val: float) -> None:
         """Clip both ranks by the norm of the whole model's gradient.
