@@ -96,10 +96,6 @@ class Run:
     def group(self) -> str:
         return str(self.config.get("group") or self.config.get("experiment") or "runs")
 
-    @property
-    def seed(self) -> Any:
-        return self.config.get("seed_everything")
-
 
 def setting(run: Run) -> str:
     """The run's config without what names it or seeds it (:data:`PER_RUN_KEYS`), as text: runs with the same

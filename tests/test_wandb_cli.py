@@ -130,3 +130,19 @@ def test_periodic_checkpoints_by_default(base_config, tmp_path):
 def test_checkpoint_minutes_must_be_positive(base_config, tmp_path):
     with pytest.raises(ValueError, match=r"--run.checkpoint_minutes -1.0: give the minutes between two checkpoints"):
         run(base_config, "--trainer.default_root_dir", str(tmp_path), "--run.checkpoint_minutes", "-1")
+
+
+def test_runs_differing_only_by_seed_are_one_setting_of_the_report(base_config, tmp_path):
+    """Two CLI runs with --seed_everything 0 and 1 (as experiments.sweep --seeds starts them) write run configs that
+    the report pools as one setting; another learning rate is another setting."""
+    from experiments import report
+
+    root = tmp_path / "runs"
+    for name, extra in (("s0", ["--seed_everything", "0"]), ("s1", ["--seed_everything", "1"]),
+                        ("lr", ["--seed_everything", "0", "--model.lr", "0.5"])):
+        run(base_config, "--trainer.default_root_dir", str(root), "--run.wandb", "disabled", "--run.name", name,
+            "--run.group", "g", *extra)
+    runs = {r.name: r for r in report.load_runs([root])}
+    assert runs["s0"].config["seed_everything"] == 0 and runs["s1"].config["seed_everything"] == 1
+    assert [[r.name for r in rs] for rs in report.by_setting(runs[n] for n in ("s0", "s1", "lr"))] == [
+        ["s0", "s1"], ["lr"]]
