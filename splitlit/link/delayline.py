@@ -12,10 +12,12 @@ and written into ``sl-server``, where the server's kernel receives it; the ``dow
 TCP's acknowledgements cross the same way, so TCP sees the real round trip.
 
 Note: the process
-    It is forked from the launcher (no second Python start, no second import), sets ``PR_SET_PDEATHSIG`` so
-    that the launcher's death (even ``kill -9``) stops it, and then removes the two namespaces itself, so a
-    killed launcher leaves nothing behind. It ignores SIGINT/SIGHUP (the launcher handles those and stops it
-    with SIGTERM). One ``select`` loop: read what is ready (up to 64 packets per device per turn), write what is
+    It is forked from the launcher (no second Python start, no second import) and sets ``PR_SET_PDEATHSIG``:
+    the launcher's death (even ``kill -9``) sends it SIGTERM, on which it removes the two namespaces itself, so
+    a killed launcher leaves nothing behind. The launcher stops it with SIGUSR1 instead (it removes the
+    namespaces itself). Checking ``getppid()`` cannot tell the two apart: the death signal comes when the
+    launcher's *thread* that forked it exits, and while the launcher's other threads (its output pumps) are
+    still dying, the parent is still the launcher. It ignores SIGINT/SIGHUP (the launcher handles those). One ``select`` loop: read what is ready (up to 64 packets per device per turn), write what is
     due, sleep until the next packet is due. Its CPU time is reported by :meth:`DelayLine.stop`.
     The TUN devices are not persistent: they disappear with the process.
 """
@@ -48,6 +50,8 @@ _IFF_TUN, _IFF_NO_PI = 0x0001, 0x1000
 _PR_SET_PDEATHSIG = 1
 _READ_BATCH = 64
 _READY_TIMEOUT_S = 15.0
+_STOP = signal.SIGUSR1  # from the launcher: stop and report
+_ORPHANED = signal.SIGTERM  # the launcher's death signal (PR_SET_PDEATHSIG), or anyone's: remove the namespaces
 
 
 def open_tun(netns: str, ifname: str) -> int:
@@ -94,11 +98,11 @@ class DelayLine:
             raise LinkError(f"the delay line did not start ({line or 'no answer in 15 s'}); see its error above.")
 
     def stop(self) -> dict[str, Any]:
-        """Stop the process (SIGTERM; SIGKILL after 5 s) and return what it did; {} if it died without saying."""
+        """Stop the process (SIGUSR1; SIGKILL after 5 s) and return what it did; {} if it died without saying."""
         if self.pid is None:
             return {}
         with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGTERM)
+            os.kill(self.pid, _STOP)
         line = self._read_line(5.0)
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
@@ -122,28 +126,29 @@ class DelayLine:
 
     # -- the child ----------------------------------------------------------------------------------------------
     def _child(self, pipe: int, parent: int) -> int:  # pragma: no cover - runs in the forked process
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, _ORPHANED)
         for sig in (signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, _raise_stop)
+        signal.signal(_STOP, _raise_stop)
+        signal.signal(_ORPHANED, _raise_stop)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         start, cpu0 = time.monotonic(), _cpu_seconds()
         orphaned = False
         try:
             if os.getppid() != parent:
-                raise _Stop
+                raise _Stop(_ORPHANED)
             client = open_tun(self.netns["client"], IFNAME["client"])
             server = open_tun(self.netns["server"], IFNAME["server"])
             os.write(pipe, b"ready\n")
             _serve({client: (self.up, server), server: (self.down, client)})
-        except _Stop:
-            pass
+        except _Stop as stop:
+            orphaned = stop.signum == _ORPHANED
         except LinkError as err:
             os.write(pipe, f"error: {err}\n".replace("\n", " ").encode() + b"\n")
             return 1
         finally:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            orphaned = os.getppid() != parent
+            for sig in (_STOP, _ORPHANED):
+                signal.signal(sig, signal.SIG_IGN)
         wall, cpu = time.monotonic() - start, _cpu_seconds() - cpu0
         report = {"up": self.up.stats.as_dict(), "down": self.down.stats.as_dict(), "cpu_s": round(cpu, 3),
                   "wall_s": round(wall, 3), "cpu_pct_of_one_core": round(100 * cpu / max(wall, 1e-9), 2)}
@@ -159,11 +164,13 @@ class DelayLine:
 
 
 class _Stop(Exception):
-    pass
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _raise_stop(signum: int, frame: Any) -> None:
-    raise _Stop
+    raise _Stop(signum)
 
 
 def _cpu_seconds() -> float:
