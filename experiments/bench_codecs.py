@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     data = (load_images(args.data, True, args.train), load_images(args.data, False, args.test))
     print(f"MobileNetV2 (ImageNet) on CIFAR-10: {len(data[0][0])} train / {len(data[1][0])} test images at "
           f"{args.size} px, {args.epochs} epoch(s), SGD lr {args.lr} momentum {args.momentum}, batch {args.batch}; "
-          f"seeds {','.join(map(str, seeds))}, {args.threads} thread(s); bytes per chunk at chunks={args.chunks} (float32; the gradient back "
-          f"is the same size)", flush=True)
+          f"seeds {','.join(map(str, seeds))}, {args.threads} thread(s); bytes per chunk at chunks={args.chunks} "
+          f"(float32; the gradient back is the same size)", flush=True)
     wanted = [(row, label, options, calibration) for row, runs in RUNS.items() for label, options, calibration in runs
               if not (args.only and row not in args.only) and label not in args.skip
               and not (args.default_only and row != "none" and "(default)" not in label)]

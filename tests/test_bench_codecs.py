@@ -1,4 +1,4 @@
-"""``experiments.bench_codecs --seeds`` on tiny data: per-seed values in the JSON, paired statistics, reproducibility."""
+"""``experiments.bench_codecs --seeds`` on tiny data: per-seed values in the JSON, paired statistics, reproducible."""
 
 from __future__ import annotations
 
@@ -60,8 +60,9 @@ def test_two_seed_bench_writes_per_seed_values_and_is_reproducible(tmp_path, cap
 
     # Reproducibility: seed 1 of the power-iteration row, run again in this process, to the last digit.
     args = bench_codecs.parse_args([*TINY, "--seed", "1"])
-    data = (bench_codecs.load_images(args.data, True, args.train), bench_codecs.load_images(args.data, False, args.test))
-    label, options, calibration = bench_codecs.RUNS["poweriter3_7"][-1]
+    data = (bench_codecs.load_images(args.data, True, args.train),
+            bench_codecs.load_images(args.data, False, args.test))
+    _, options, calibration = bench_codecs.RUNS["poweriter3_7"][-1]
     again = bench_codecs.run("poweriter3_7", options, calibration, args, data, seed=1)
     assert again["acc"] == power["per_seed"]["1"]
 
