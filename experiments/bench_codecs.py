@@ -162,6 +162,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip", nargs="*", default=(), help="labels of runs to leave out, e.g. fresh")
     p.add_argument("--default-only", action="store_true",
                    help="only each codec's default initialisation (CodecCalibration's adaptation) beside none")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads (default: torch's). A seed reproduces its accuracy to the last digit only "
+                        "with the same thread count: another count sums in another order, and 2 epochs amplify it")
     p.add_argument("--json", type=Path, default=Path("runs/bench_codecs.json"),
                    help="where to write every row with its per-seed values (rewritten after each run)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
@@ -180,11 +183,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         _write_json(args, sorted({s for r in results for s in r["seeds"]}), results)
         return results
     seeds = args.seeds or [args.seed]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()  # recorded in the JSON's settings
     data = (load_images(args.data, True, args.train), load_images(args.data, False, args.test))
     print(f"MobileNetV2 (ImageNet) on CIFAR-10: {len(data[0][0])} train / {len(data[1][0])} test images at "
           f"{args.size} px, {args.epochs} epoch(s), SGD lr {args.lr} momentum {args.momentum}, batch {args.batch}; "
-          f"seeds {','.join(map(str, seeds))}; bytes per chunk at chunks={args.chunks} (float32; the gradient back "
-          f"is the same size)", flush=True)
+          f"seeds {','.join(map(str, seeds))}, {args.threads} thread(s); bytes per chunk at chunks={args.chunks} "
+          f"(float32; the gradient back is the same size)", flush=True)
     wanted = [(row, label, options, calibration) for row, runs in RUNS.items() for label, options, calibration in runs
               if not (args.only and row not in args.only) and label not in args.skip
               and not (args.default_only and row != "none" and "(default)" not in label)]

@@ -109,7 +109,8 @@ def result_file(out: Path, variant: str, seed: int) -> Path:
 
 
 def table(out: Path, variants: list[str], seeds: list[int]) -> str:
-    rows = ["| variant | seed | epoch | dev MCC | dev acc | dev loss | train loss | train s | val s | up MB | down MB |",
+    rows = ["| variant | seed | epoch | dev MCC | dev acc | dev loss | train loss | train s | val s | up MB "
+            "| down MB |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in variants:
         for seed in seeds:

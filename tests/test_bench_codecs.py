@@ -1,4 +1,4 @@
-"""``experiments.bench_codecs --seeds`` on tiny data: per-seed values in the JSON, paired statistics, reproducibility."""
+"""``experiments.bench_codecs --seeds`` on tiny data: per-seed values in the JSON, paired statistics, reproducible."""
 
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def test_two_seed_bench_writes_per_seed_values_and_is_reproducible(tmp_path, cap
     out = tmp_path / "bench.json"
     rows = bench_codecs.main([*TINY, "--seeds", "0-1", "--json", str(out)])
     saved = json.loads(out.read_text())
+    table = capsys.readouterr().out
+    assert saved["settings"]["threads"] == 1 and "seeds 0,1, 1 thread(s)" in table
     assert saved["seeds"] == [0, 1] and [(r["codec"], r["initialisation"]) for r in saved["rows"]] == [
         ("none", "-"), ("poweriter3_7", "iters=2, adapt (default)")]
     none, power = (r["acc"] for r in saved["rows"])
@@ -54,13 +56,13 @@ def test_two_seed_bench_writes_per_seed_values_and_is_reproducible(tmp_path, cap
     half = 12.706205 * statistics.stdev(diffs) / math.sqrt(2)  # t(0.975, 1 degree of freedom)
     assert (d["low"], d["high"]) == (pytest.approx(d["mean"] - half), pytest.approx(d["mean"] + half))
     assert rows[1]["acc"] == power
-    table = capsys.readouterr().out
     assert f"| {bench_codecs.format_mean(power):>18} |  2 | {bench_codecs.format_difference(power):>22} |" in table
 
     # Reproducibility: seed 1 of the power-iteration row, run again in this process, to the last digit.
     args = bench_codecs.parse_args([*TINY, "--seed", "1"])
-    data = (bench_codecs.load_images(args.data, True, args.train), bench_codecs.load_images(args.data, False, args.test))
-    label, options, calibration = bench_codecs.RUNS["poweriter3_7"][-1]
+    data = (bench_codecs.load_images(args.data, True, args.train),
+            bench_codecs.load_images(args.data, False, args.test))
+    _, options, calibration = bench_codecs.RUNS["poweriter3_7"][-1]
     again = bench_codecs.run("poweriter3_7", options, calibration, args, data, seed=1)
     assert again["acc"] == power["per_seed"]["1"]
 

@@ -20,7 +20,8 @@ def test_summary_on_known_numbers():
 
 
 def test_paired_interval_on_known_numbers():
-    """Differences 0.5, 1, 0.5, 2: mean 1, std sqrt(0.5), 95% interval 1 ± 3.182446 * sqrt(0.5) / 2 (SciPy: [-0.1252, 2.1252])."""
+    """Differences 0.5, 1, 0.5, 2: mean 1, std sqrt(0.5), 95% interval 1 ± 3.182446 * sqrt(0.5) / 2, which is
+    SciPy's [-0.1252, 2.1252]."""
     d = paired_difference({0: 1.0, 1: 2.0, 2: 3.0, 3: 5.0}, {3: 3.0, 2: 2.5, 1: 1.0, 0: 0.5})
     assert d.mean == pytest.approx(1.0) and d.std == pytest.approx(math.sqrt(0.5)) and d.n == 4
     assert (d.low, d.high) == (pytest.approx(-0.12516468, abs=1e-6), pytest.approx(2.12516468, abs=1e-6))
