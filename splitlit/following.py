@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import Callback, Trainer
 
-from splitlit.pipeline import CLIENT
+from splitlit.split import CLIENT_RANK
 
 if TYPE_CHECKING:
     from splitlit.strategy import SplitPipelineStrategy
@@ -37,24 +37,27 @@ def lead_or_follow(callback: Callback, strategy: SplitPipelineStrategy) -> None:
         hook = getattr(callback, name)
         if getattr(hook, "_split_led", False):
             continue
-        led = functools.partial(_led_hook, hook, strategy)
+        led = functools.partial(_led_hook, hook, strategy, per_batch=name == "on_train_batch_end")
         led._split_led = True  # type: ignore[attr-defined]
         setattr(callback, name, led)
 
 
-def _led_hook(hook: Callable, strategy: SplitPipelineStrategy, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+def _led_hook(hook: Callable, strategy: SplitPipelineStrategy, trainer: Trainer, *args: Any, per_batch: bool = False,
+              **kwargs: Any) -> None:
     channel = strategy._channel
     assert channel is not None
+    if per_batch and strategy.many:
+        return  # many clients step different numbers of batches: they checkpoint at rounds' ends only
     strategy._protocol = True
     try:
-        if strategy.is_client:
+        if strategy.global_rank == CLIENT_RANK:  # client 0 leads; the server and any other clients follow
             hook(trainer, *args, **kwargs)
             with strategy._link_errors("the end of a checkpoint or early-stopping decision"):
-                channel.broadcast_numbers([DONE, int(trainer.should_stop)], length=2, src=CLIENT, what="decision")
+                channel.broadcast_numbers([DONE, int(trainer.should_stop)], length=2, src=CLIENT_RANK, what="decision")
             return
         while True:
             with strategy._link_errors("waiting for the client's checkpoint or early-stopping decision"):
-                op, arg = channel.broadcast_numbers(None, length=2, src=CLIENT, what="decision")
+                op, arg = channel.broadcast_numbers(None, length=2, src=CLIENT_RANK, what="decision")
             if op == DONE:
                 trainer.should_stop = bool(arg)
                 return
@@ -78,8 +81,8 @@ def follow_client_resume(trainer: Trainer, strategy: SplitPipelineStrategy) -> N
 
     def resume_start(checkpoint_path: Any = None, weights_only: bool | None = None) -> None:
         assert strategy._channel is not None
-        (resumes,) = strategy._channel.broadcast_numbers([int(bool(checkpoint_path))] if strategy.is_client else None,
-                                                      length=1, src=CLIENT, what="decision")
+        (resumes,) = strategy._channel.broadcast_numbers([int(bool(checkpoint_path))] if strategy.global_rank == 0 else None,
+                                                      length=1, src=CLIENT_RANK, what="decision")
         if not strategy.is_client:
             checkpoint_path = "<read by the client>" if resumes else None
         original(checkpoint_path, weights_only)

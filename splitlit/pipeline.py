@@ -24,16 +24,15 @@ import torch
 import torch.distributed as dist
 
 from splitlit.schedule import USchedule
-from splitlit.split import Split
+from splitlit.split import CLIENT_RANK, SERVER_RANK, Split
 from splitlit.stage import LinkMeter, MeteredStage
 from splitlit.transport import Ledger
 from splitlit.wire import WirePlan
 
-__all__ = ["CLIENT", "SERVER", "PeerLostError", "SplitPipeline", "link_errors", "microbatch_count"]
+__all__ = ["PeerLostError", "SplitPipeline", "link_errors", "microbatch_count"]
 
 log = logging.getLogger(__name__)
 
-CLIENT, SERVER = 0, 1
 _TRAIN, _EVAL = 1, 2
 _KINDS = {_TRAIN: "training", _EVAL: "evaluation"}
 _HEADER_LEN = 64
@@ -86,7 +85,7 @@ class SplitPipeline:
 
     Args:
         split: the model's :class:`Split`; each rank only runs (and needs real weights for) its own part.
-        rank: 0 for the client, 1 for the server.
+        rank: the role on this link: ``CLIENT_RANK`` (0) for the client, ``SERVER_RANK`` (1) for the server.
         device: where this rank's stages run.
         chunks: micro-batches per batch.
         order: ``"1f1b"``, ``"gpipe"`` or ``"zb"`` (see :mod:`splitlit.schedule`).
@@ -94,12 +93,15 @@ class SplitPipeline:
         meter: records every tensor handed to the transport.
         ledger: books each step header the server receives (see :class:`splitlit.transport.Ledger`).
         wire: wire codecs per cut and direction (see :mod:`splitlit.wire`); both ranks must give the same.
+        group: the link's process group when the job has more ranks than this link's two (many clients:
+            ``dist.new_group([client, server])``); ``None`` is the default group of a two-rank job.
     """
 
     def __init__(self, split: Split, *, rank: int, device: torch.device, chunks: int, order: str = "1f1b",
                  timeout: float = 300.0, meter: LinkMeter | None = None, cache_size: int = 16,
-                 wire: WirePlan | Mapping[str, Any] | None = None, ledger: Ledger | None = None) -> None:
-        if rank not in (CLIENT, SERVER):
+                 wire: WirePlan | Mapping[str, Any] | None = None, ledger: Ledger | None = None,
+                 group: dist.ProcessGroup | None = None) -> None:
+        if rank not in (CLIENT_RANK, SERVER_RANK):
             raise ValueError(f"SplitPipeline runs on ranks 0 (client) and 1 (server), got rank={rank}.")
         self.split = split
         self.rank = rank
@@ -110,6 +112,12 @@ class SplitPipeline:
         self.meter = meter if meter is not None else LinkMeter()
         self.ledger = ledger if ledger is not None else Ledger()
         self.wire = WirePlan.parse(wire)
+        self.group = group
+        self.peer = "server" if rank == CLIENT_RANK else "client"
+        if group is not None:  # name the peer by its global rank in errors: there are many clients
+            other = dist.get_global_rank(group, SERVER_RANK if rank == CLIENT_RANK else CLIENT_RANK)
+            self.peer = f"{self.peer} (rank {other})"
+        self._client_global = CLIENT_RANK if group is None else dist.get_global_rank(group, CLIENT_RANK)
         # gloo carries CPU tensors only: with a GPU rank on gloo (the report's CPU client + GPU server), the
         # stages talk on the CPU and a bridge moves each stage's inputs to the GPU and its outputs back.
         self.comm_device = torch.device("cpu") if dist.get_backend() == "gloo" else device
@@ -126,7 +134,7 @@ class SplitPipeline:
 
     @property
     def is_client(self) -> bool:
-        return self.rank == CLIENT
+        return self.rank == CLIENT_RANK
 
     # -- public steps -------------------------------------------------------------------------------------------
     def train_step(self, *inputs: torch.Tensor, target: Any = None,
@@ -155,7 +163,7 @@ class SplitPipeline:
         if self.is_client:
             header.copy_(self._encode_header(kind, inputs).to(self.comm_device))
         with self._link_errors(f"the header of a {_KINDS[kind]} step"):
-            dist.broadcast(header, src=CLIENT)
+            dist.broadcast(header, src=self._client_global, group=self.group)
         if not self.is_client:
             self.ledger.book("header", header.numel() * header.element_size())
         key = tuple(header.tolist())
@@ -198,7 +206,7 @@ class SplitPipeline:
     def _build(self, kind: int, *, n_microbatches: int) -> USchedule:
         head, server, tail = self._modules
         make = lambda mod, idx: MeteredStage(mod, idx, 3, self.comm_device, meter=self.meter,  # noqa: E731
-                                             wire=self.wire, ledger=self.ledger)
+                                             wire=self.wire, ledger=self.ledger, group=self.group)
         stages = [make(head, 0), make(tail, 2)] if self.is_client else [make(server, 1)]
         loss_fn = self._dispatch_loss if kind == _TRAIN else None
         log.debug("rank %d: new %s schedule with %d micro-batches", self.rank, _KINDS[kind], n_microbatches)
@@ -215,18 +223,23 @@ class SplitPipeline:
 
     # -- errors -------------------------------------------------------------------------------------------------
     def _link_errors(self, what: str) -> contextlib.AbstractContextManager:
-        return link_errors(f"{what} (step {self.steps})", rank=self.rank, timeout=self.timeout)
+        return link_errors(f"{what} (step {self.steps})", rank=self.rank, timeout=self.timeout, peer=self.peer)
 
 
 @contextlib.contextmanager
-def link_errors(what: str, *, rank: int, timeout: float) -> Iterator[None]:
-    """Turn a transport failure inside the block into a :class:`PeerLostError` that says what to do."""
+def link_errors(what: str, *, rank: int, timeout: float, peer: str | None = None) -> Iterator[None]:
+    """Turn a transport failure inside the block into a :class:`PeerLostError` that says what to do.
+
+    ``rank`` is this rank's role on the link (``CLIENT_RANK`` or ``SERVER_RANK``); ``peer`` names the other end
+    when the job has more than two ranks.
+    """
     try:
         yield
     except RuntimeError as exc:
         if isinstance(exc, PeerLostError) or not _is_link_failure(exc):
             raise
-        peer = "server (rank 1)" if rank == CLIENT else "client (rank 0)"
+        if peer is None:
+            peer = "server (rank 1)" if rank == CLIENT_RANK else "client (rank 0)"
         raise PeerLostError(
             f"The {peer} stopped answering during {what}: {exc}\n"
             f"Either it died (its own output says why), or a step took longer than the timeout of {timeout:g} s. "

@@ -32,14 +32,14 @@ from torch.distributed.pipelining.schedules import (
     _add_send_recv,
 )
 
+from splitlit.split import BODY, CLIENT_RANK, HEAD, SERVER_RANK, TAIL
+
 __all__ = ["ORDERS", "USchedule", "u_order"]
 
 F = _ComputationType.FORWARD
 B = _ComputationType.FULL_BACKWARD
 I = _ComputationType.BACKWARD_INPUT  # noqa: E741 - torch's own letter for it
 W = _ComputationType.BACKWARD_WEIGHT
-HEAD, SERVER, TAIL = 0, 1, 2
-CLIENT_RANK, SERVER_RANK = 0, 1
 ORDERS = ("gpipe", "1f1b", "zb")
 
 
@@ -75,37 +75,37 @@ def u_order(order: str | None, n: int) -> dict[int, list[_Action]]:
             if mb + 1 < n:
                 client.append(fwd(HEAD, mb + 1))
             client.append(fwd(TAIL, mb))
-        return {CLIENT_RANK: client, SERVER_RANK: [fwd(SERVER, mb) for mb in range(n)]}
+        return {CLIENT_RANK: client, SERVER_RANK: [fwd(BODY, mb) for mb in range(n)]}
     if order == "gpipe":
         client = ([fwd(HEAD, mb) for mb in range(n)] + [fwd(TAIL, mb) for mb in range(n)]
                   + [bwd(TAIL, mb) for mb in range(n)] + [bwd(HEAD, mb) for mb in range(n)])
-        server = [fwd(SERVER, mb) for mb in range(n)] + [bwd(SERVER, mb) for mb in range(n)]
+        server = [fwd(BODY, mb) for mb in range(n)] + [bwd(BODY, mb) for mb in range(n)]
         return {CLIENT_RANK: client, SERVER_RANK: server}
     if order == "1f1b":
         warmup = min(2, n)
         client = [fwd(HEAD, mb) for mb in range(warmup)]
-        server = [fwd(SERVER, mb) for mb in range(warmup)]
+        server = [fwd(BODY, mb) for mb in range(warmup)]
         for mb in range(n):
             client += [fwd(TAIL, mb), bwd(TAIL, mb)]
             if mb + warmup < n:
                 client.append(fwd(HEAD, mb + warmup))
             client.append(bwd(HEAD, mb))
-            server.append(bwd(SERVER, mb))
+            server.append(bwd(BODY, mb))
             if mb + warmup < n:
-                server.append(fwd(SERVER, mb + warmup))
+                server.append(fwd(BODY, mb + warmup))
         return {CLIENT_RANK: client, SERVER_RANK: server}
     if order == "zb":
         warmup = min(2, n)
         client = [fwd(HEAD, mb) for mb in range(warmup)]
-        server = [fwd(SERVER, mb) for mb in range(warmup)]
+        server = [fwd(BODY, mb) for mb in range(warmup)]
         for mb in range(n):
             client += [fwd(TAIL, mb), _Action(TAIL, I, mb)]
             if mb + warmup < n:
                 client.append(fwd(HEAD, mb + warmup))
             client += [_Action(TAIL, W, mb), bwd(HEAD, mb)]
-            server += [_Action(SERVER, I, mb), _Action(SERVER, W, mb)]
+            server += [_Action(BODY, I, mb), _Action(BODY, W, mb)]
             if mb + warmup < n:
-                server.append(fwd(SERVER, mb + warmup))
+                server.append(fwd(BODY, mb + warmup))
         return {CLIENT_RANK: client, SERVER_RANK: server}
     raise ValueError(f"Unknown pipeline order {order!r}; choose one of {ORDERS}.")
 
@@ -147,7 +147,7 @@ class USchedule(_PipelineScheduleRuntime):
             self.pipeline_order_with_comms = {r: _receives_first(a) for r, a in self.pipeline_order_with_comms.items()}
             return
         # torch's validator insists on a backward per forward, so lower a forward-only order here.
-        self.stage_index_to_group_rank = {HEAD: CLIENT_RANK, SERVER: SERVER_RANK, TAIL: CLIENT_RANK}
+        self.stage_index_to_group_rank = {HEAD: CLIENT_RANK, BODY: SERVER_RANK, TAIL: CLIENT_RANK}
         for stage in self._stages:
             stage.stage_index_to_group_rank = self.stage_index_to_group_rank
         self.pipeline_order_with_comms = {r: _receives_first(a) for r, a in _add_send_recv(

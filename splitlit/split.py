@@ -22,7 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Split", "SplitError", "as_tuple"]
+__all__ = ["BODY", "CLIENT_RANK", "HEAD", "SERVER_RANK", "TAIL", "Split", "SplitError", "as_tuple"]
+
+# Who is who, in one vocabulary: the stages of a U split, and the two roles on a client-server link (the ranks
+# of a two-rank job, or of one link's process group when many clients share the server).
+HEAD, BODY, TAIL = 0, 1, 2
+CLIENT_RANK, SERVER_RANK = 0, 1
 
 
 class SplitError(ValueError):

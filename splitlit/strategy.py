@@ -20,6 +20,7 @@ the pipeline's output for that micro-batch), so the same module trains unsplit u
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import logging
 import os
@@ -32,23 +33,27 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
 from lightning.pytorch.trainer.states import RunningStage
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor, nn
 from typing_extensions import override
 
+from splitlit.clients import PARADIGMS, BodySlots, Federation, fedavg_, services
 from splitlit.following import BROADCAST, DECIDE, SAVE, follow_client_resume, lead_or_follow
 from splitlit.microbatch import _head_inputs, _LogsPerBatch, _returning, _slice_batch
-from splitlit.pipeline import CLIENT, SERVER, PeerLostError, SplitPipeline, link_errors
+from splitlit.pipeline import PeerLostError, SplitPipeline, link_errors
 from splitlit.placement import (_disable_metric_sync, _keep_data_off_server, _keep_own_params, _meta_limitation,
                                 _owned_tensors, _split_of, _tensor_names, _to_meta_except)
 from splitlit.resume import ResumableLoader, ServerBatches, rng_state, seed_rank_apart, set_rng_state
 from splitlit.schedule import ORDERS
-from splitlit.split import Split, SplitError
+from splitlit.split import CLIENT_RANK, SERVER_RANK, Split, SplitError
 from splitlit.stage import LinkMeter
 from splitlit.transport import Channel, Ledger, authenticate, resolve_secret
 from splitlit.wire import WirePlan
@@ -72,6 +77,11 @@ class SplitPipelineStrategy(DDPStrategy):
         wire: wire codecs applied by the transport, per cut and direction, e.g.
             ``{"up.activation": "int8", "down.gradient": "fp16"}`` (see :mod:`splitlit.wire`); the model is
             untouched and the link meter records the encoded bytes.
+        clients: data owners, each its own rank with its own data, labels, head and tail; the server is rank
+            ``clients``. 1 (default) is the two-rank split; more runs ``paradigm`` (see :mod:`splitlit.clients`).
+        paradigm: with many clients, ``"splitfed"`` (SplitFed v1: a body per client, averaged each round),
+            ``"splitfed2"`` (one body updated client after client) or ``"sequential"`` (vanilla split learning:
+            the clients take turns and hand their head and tail on). A round is an epoch.
         process_group_backend: ``"gloo"`` by default (CPU, or a CPU client with a GPU server);
             ``"nccl"`` when both ranks are on CUDA.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (cluster environment,
@@ -87,10 +97,15 @@ class SplitPipelineStrategy(DDPStrategy):
     def __init__(self, chunks: int = 1, order: str = "1f1b", timeout: float = 300.0,
                  process_group_backend: str | None = "gloo",
                  wire: dict[str, str | dict[str, Any]] | None = None, setup_timeout: float = 3600.0,
-                 **kwargs: Any) -> None:
+                 clients: int = 1, paradigm: str = "splitfed", **kwargs: Any) -> None:
         if not isinstance(chunks, int) or chunks < 1:
             raise ValueError(f"SplitPipelineStrategy(chunks={chunks!r}): chunks must be a positive integer "
                              f"(micro-batches per batch), e.g. 1, 4 or 8.")
+        if not isinstance(clients, int) or isinstance(clients, bool) or clients < 1:
+            raise ValueError(f"SplitPipelineStrategy(clients={clients!r}): give the number of clients (data owners), "
+                             f"a positive integer; the job then runs clients + 1 processes.")
+        if paradigm not in PARADIGMS:
+            raise ValueError(f"SplitPipelineStrategy(paradigm={paradigm!r}): choose one of {PARADIGMS}.")
         if order not in ORDERS:
             raise ValueError(f"SplitPipelineStrategy(order={order!r}): choose one of {ORDERS}.")
         if not timeout or timeout <= 0:
@@ -104,11 +119,21 @@ class SplitPipelineStrategy(DDPStrategy):
                          **kwargs)
         self.chunks = chunks
         self.order = order
+        self.clients = clients
+        self.paradigm = paradigm
         self.timeout_s = float(timeout)
         self.setup_timeout_s = float(setup_timeout)
         self.meter = LinkMeter()
         self.ledger = Ledger()  # what this rank received outside the pipeline, by name
-        self._channel: Channel | None = None
+        self._channel: Channel | None = None  # to every rank: decisions, lengths
+        self._links: list[Channel] = []  # per client link (one on a client: its own)
+        self._federation: Federation | None = None
+        self._served: dict[str, list[int]] = {}  # on the server, many clients: which client each step serves
+        self._lengths: dict[str, list[int]] = {}  # every client's steps per stage (many clients)
+        self._serving: int | None = None  # the client whose step the server runs now
+        self._slots: BodySlots | None = None
+        self._pipelines: list[SplitPipeline] = []
+        self._limits: dict[str, Any] = {}  # the Trainer's own limits, before the server of many clients set them
         self._protocol = False  # inside a client-led callback hook (see _lead_or_follow)
         self._in_setup = False  # from setup_environment until the loops start: names the phase in errors
         self.pipeline: SplitPipeline | None = None
@@ -119,12 +144,35 @@ class SplitPipelineStrategy(DDPStrategy):
 
     # -- who is who ---------------------------------------------------------------------------------------------
     @property
+    def server_rank(self) -> int:
+        return self.clients
+
+    @property
     def is_client(self) -> bool:
-        return self.global_rank == CLIENT
+        return self.global_rank != self.server_rank
+
+    @property
+    def many(self) -> bool:
+        """More than one client: the server serves several links (splitlit.clients)."""
+        return self.clients > 1
 
     @property
     def role(self) -> str:
-        return "client" if self.is_client else "server"
+        if not self.is_client:
+            return "server"
+        return f"client {self.global_rank}" if self.many else "client"
+
+    @property
+    @override
+    def is_global_zero(self) -> bool:
+        # Each client writes its own run folder and checkpoints; the server writes nothing.
+        return self.is_client if self.many else super().is_global_zero
+
+    @override
+    def set_world_ranks(self) -> None:
+        super().set_world_ranks()
+        if self.many and self.is_client:  # every client logs its own run (rank_zero_only guards the loggers)
+            rank_zero_only.rank = utils_rank_zero_only.rank = 0
 
     @property
     @override
@@ -144,18 +192,28 @@ class SplitPipelineStrategy(DDPStrategy):
         secret = resolve_secret(multi_host=self.num_nodes > 1,
                                 local_key=f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}")
         super().setup_environment()
-        if self.world_size != 2:
+        if self.world_size != self.clients + 1:
             raise MisconfigurationException(
-                f"SplitPipelineStrategy runs on exactly 2 processes (client and server), got world size "
-                f"{self.world_size}. Use Trainer(devices=2) on one machine, or num_nodes=2, devices=1 on two."
+                f"SplitPipelineStrategy(clients={self.clients}) runs on clients + 1 = {self.clients + 1} processes "
+                f"(the clients and the server), got world size {self.world_size}. Use Trainer(devices="
+                f"{self.clients + 1}) on one machine, num_nodes={self.clients + 1}, devices=1 on as many hosts, or "
+                f"set clients to the world size minus one."
             )
         # Before anything else crosses: each rank proves it holds the job's secret.
         authenticate(dist.distributed_c10d._get_default_store(), rank=self.global_rank, secret=secret,
-                     timeout=self.timeout_s, run_id=str(next(_AUTH_ROUNDS)))  # a fresh round per fit in this job
+                     timeout=self.timeout_s, run_id=str(next(_AUTH_ROUNDS)), world_size=self.world_size)  # a fresh round per fit in this job
         log.info("rank %d is the %s", self.global_rank, self.role)
         seed_rank_apart(self.global_rank)
         comm = torch.device("cpu") if dist.get_backend() == "gloo" else self.root_device
         self._channel = Channel(self.global_rank, comm, self.ledger)
+        if self.many:
+            self._federation = Federation(clients=self.clients, paradigm=self.paradigm, rank=self.global_rank,
+                                          timeout=self.timeout_s)
+            links = self._federation.links
+            self._links = ([self._channel.on(links[self.global_rank])] if self.is_client
+                           else [self._channel.on(g) for g in links])
+        else:
+            self._links = [self._channel]
         trainer = self.lightning_module.trainer
         # Only the client reads data, and it reads all of it with the user's own loader and sampler: Lightning
         # would otherwise swap in a shuffling DistributedSampler for this DDP subclass.
@@ -182,20 +240,35 @@ class SplitPipelineStrategy(DDPStrategy):
         #    Lightning's advice to sync_dist logged values (there is nothing on the server to sync with).
         _disable_metric_sync(module)
         warnings.filterwarnings("ignore", message=r".*sync_dist=True.*distributed setting.*")
-        # 4. The pipeline over this rank's stages.
-        self.pipeline = SplitPipeline(self.split, rank=self.global_rank, device=self.root_device,
-                                      chunks=self.chunks, order=self.order, timeout=self.timeout_s,
-                                      meter=self.meter, wire=self.wire, ledger=self.ledger)
+        # 4. The pipeline over this rank's stages: one per link (the server of many clients has many).
+        self._pipelines = [SplitPipeline(self.split, rank=CLIENT_RANK if self.is_client else SERVER_RANK,
+                                         device=self.root_device, chunks=self.chunks, order=self.order,
+                                         timeout=self.timeout_s, meter=self.meter, wire=self.wire,
+                                         ledger=self.ledger, group=link.group) for link in self._links]
+        self.pipeline = self._pipelines[0]
         # 5. Optimisers see only this rank's parameters; clipping uses the norm over both ranks.
         if trainer.state.fn == "fit":
             self.setup_optimizers(trainer)
             _keep_own_params(self.optimizers, self._owned, self.role)
+            if self.many and not self.is_client and self.paradigm == "splitfed":
+                owned = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+                self._slots = BodySlots({k: t for k, t in owned.items() if not t.is_meta}, self.optimizers,
+                                        self.clients)
         self.setup_precision_plugin()
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_global_norm  # type: ignore[method-assign]
         # 6. Callbacks that read metrics decide on the client; the server follows their decisions.
         for callback in trainer.callbacks:
             if isinstance(callback, (ModelCheckpoint, EarlyStopping)):
                 lead_or_follow(callback, self)
+        # 7. Many clients: the checks that need the Trainer, and the end of each round after the last step.
+        if self.many:
+            self._check_many_clients(trainer)
+            # Lightning broadcasts a SIGTERM flag from rank 0 before every training step; the server of many
+            # clients takes more steps than any client, so that broadcast would pair steps that differ. Each rank
+            # checks its own flag instead (a SIGTERM'd rank stops, and its peers see it gone).
+            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = functools.partial(_local_sigterm, trainer)
+            if not any(isinstance(cb, _Rounds) for cb in trainer.callbacks):
+                trainer.callbacks.insert(0, _Rounds(self))  # first: checkpoints and monitors see the averaged model
 
     def _check_precision(self) -> None:
         plugin = self.precision_plugin
@@ -206,33 +279,179 @@ class SplitPipelineStrategy(DDPStrategy):
             )
 
     def _sync_server_weights(self, module: LightningModule) -> None:
-        """Give the server the client's initial body weights, so only the client needs to load pretrained files."""
+        """Give the server the client's initial body weights, so only the client needs to load pretrained files.
+
+        With many clients, client 0's: it also gives the other clients its head and tail (one initial model).
+        """
         assert self.split is not None and self._channel is not None
         server_names = _tensor_names(module, _owned_tensors(self.split, module, is_client=False))
         state = module.state_dict()
-        fresh = self.is_client and not any(state[k].is_meta for k in server_names)  # not yet split (first setup)
-        with link_errors("set-up (sending the server its initial weights)", rank=self.global_rank,
+        fresh = self.global_rank == 0 and not any(state[k].is_meta for k in server_names)  # first setup
+        if self.many and self.is_client:
+            self._sync_clients(module)
+        if self.global_rank not in (0, self.server_rank):
+            return  # the other clients: not on client 0's link
+        with link_errors("set-up (sending the server its initial weights)", rank=self._link_role,
                          timeout=self.timeout_s):
-            weights = self._channel.broadcast({k: state[k] for k in server_names} if fresh else None,
-                                              src=CLIENT, what="server weights")
+            weights = self._links[0].broadcast({k: state[k] for k in server_names} if fresh else None,
+                                               src=0, what="server weights")
         if not self.is_client and weights is not None:
             _check_share(weights, server_names, "initial weights")
             module.load_state_dict(weights, strict=False)
+
+    def _sync_clients(self, module: LightningModule) -> None:
+        """Every client starts from client 0's head and tail (the clients' group: the server is not in it)."""
+        assert self._federation is not None and self._channel is not None and self.split is not None
+        names = _tensor_names(module, _owned_tensors(self.split, module, is_client=True))
+        state = module.state_dict()
+        part = self._among().broadcast({k: state[k] for k in names} if self.global_rank == 0 else None, src=0,
+                               what="initial client part")
+        if self.global_rank != 0:
+            module.load_state_dict(part, strict=False)
+
+    @property
+    def _link_role(self) -> int:
+        return CLIENT_RANK if self.is_client else SERVER_RANK
+
+    def _peer_name(self) -> str | None:
+        if not self.many:
+            return None
+        if self.is_client:
+            return f"server (rank {self.server_rank})"
+        return f"client (rank {self._serving})" if self._serving is not None else "clients"
 
     # -- data ---------------------------------------------------------------------------------------------------
     @override
     def process_dataloader(self, dataloader: object) -> object:
         assert self._channel is not None
         length, error = self._describe_loader(dataloader) if self.is_client else (0, None)
-        length, failed = self._channel.broadcast_numbers([length, int(error is not None)] if self.is_client else None,
-                                                         length=2, src=CLIENT, what="loader length")
-        if failed:
-            raise MisconfigurationException(error or "The client rejected its data loader; its error says why.")
+        if self.many:
+            length = self._serve_many(length, error)
+        else:
+            length, failed = self._channel.broadcast_numbers(
+                [length, int(error is not None)] if self.is_client else None, length=2, src=CLIENT_RANK,
+                what="loader length")
+            if failed:
+                raise MisconfigurationException(error or "The client rejected its data loader; its error says why.")
         if self.lightning_module.trainer.state.stage != RunningStage.TRAINING:
             return dataloader if self.is_client else ServerBatches(length)
         # Training loaders resume mid-epoch exactly: position and random state on each rank (splitlit.resume).
         progress = self._batches_done
         return ResumableLoader(dataloader, progress) if self.is_client else ServerBatches(length, progress)
+
+    def _serve_many(self, length: int, error: str | None) -> int:
+        """Every client's loader length reaches every rank; the server plans which client each of its steps serves.
+
+        The server's loops then run one step per client step (the clients' own limits applied), so Lightning's
+        counts agree on every rank: the server's step ``k`` serves client ``self._served[stage][k]``.
+        """
+        assert self._channel is not None
+        trainer = self.lightning_module.trainer
+        rows = self._channel.all_numbers([length, int(error is not None)], what="loader length")
+        failed = [rank for rank, (_, bad) in enumerate(rows[:self.clients]) if bad]
+        if failed:
+            raise MisconfigurationException(error or f"Client(s) {failed} rejected their data loaders; their errors "
+                                                     f"say why.")
+        lengths = [n for n, _ in rows[:self.clients]]
+        stage = trainer.state.stage
+        prefix = stage.dataloader_prefix if stage is not None else "train"
+        limits = self._limits.setdefault(prefix, getattr(trainer, f"limit_{prefix}_batches"))
+        steps = [int(_parse_num_batches(stage, n, limits)) for n in lengths]
+        self._lengths[prefix] = steps
+        self._served[prefix] = services(steps)
+        if prefix == "val":  # the sanity check runs min(num_sanity_val_steps, steps) of each client
+            sanity = self._limits.setdefault("sanity", trainer.num_sanity_val_steps)
+            self._served["sanity"] = services([int(min(sanity, n)) for n in steps])
+            if not self.is_client:
+                trainer.num_sanity_val_steps = len(self._served["sanity"])
+        if self.is_client:
+            return length
+        setattr(trainer, f"limit_{prefix}_batches", 1.0)  # the clients' limits are in the plan already
+        return len(self._served[prefix])
+
+    def _check_many_clients(self, trainer: Trainer) -> None:
+        """What many clients cannot do yet, said before the first step rather than as a hang."""
+        if trainer.max_steps not in (-1, None):
+            raise MisconfigurationException(
+                f"SplitPipelineStrategy(clients={self.clients}) counts steps per client, so max_steps="
+                f"{trainer.max_steps} would stop the clients and the server at different points. Use max_epochs "
+                f"(a round is an epoch).")
+        if trainer.val_check_interval != 1.0:
+            raise MisconfigurationException(
+                f"SplitPipelineStrategy(clients={self.clients}) validates at the end of each round; "
+                f"val_check_interval={trainer.val_check_interval!r} would validate mid-round at a different step "
+                f"on each client. Leave val_check_interval at 1.0 (check_val_every_n_epoch works).")
+        if trainer.accumulate_grad_batches != 1:
+            raise MisconfigurationException(
+                f"SplitPipelineStrategy(clients={self.clients}) steps the server once per client step; "
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches} is not supported with many clients.")
+
+    def _serve(self, stage: str, index: int) -> int:
+        """On the server: make the client that step ``index`` serves the current one; returns its rank."""
+        client = self._served[stage][index] if self.many else 0
+        self._serving = client
+        self.pipeline = self._pipelines[client]
+        if self._slots is not None:
+            self._slots.use(client)
+        return client
+
+    # -- many clients: turns and rounds (splitlit.clients) ------------------------------------------------------
+    def _client_part(self) -> dict[str, Tensor]:
+        return {k: v for k, v in self.lightning_module.state_dict().items() if not v.is_meta}
+
+    def _neighbours(self, batch_idx: int) -> tuple[int | None, int | None]:
+        """Sequential split learning: the clients served just before and just after this client's step."""
+        order = self._served["train"]
+        position = [i for i, client in enumerate(order) if client == self.global_rank][batch_idx]
+        before = order[position - 1] if position > 0 else None
+        after = order[position + 1] if position + 1 < len(order) else None
+        return before, after
+
+    def _among(self) -> Channel:
+        """The clients' own channel: the server is not in its group."""
+        assert self._channel is not None and self._federation is not None
+        return self._channel.on(self._federation.among_clients)
+
+    def _take_turn(self, batch_idx: int) -> None:
+        """Sequential: start from the head and tail of the client served just before (client to client)."""
+        assert self._channel is not None
+        before, _ = self._neighbours(batch_idx)
+        if before is not None and before != self.global_rank:
+            with self._link_errors(f"waiting for client {before}'s head and tail"):
+                part = self._among().recv(src=before, what="client part (sequential)")
+            self.lightning_module.load_state_dict(part, strict=False)
+
+    def _after_step(self, trainer: Trainer, batch_idx: int) -> None:
+        """After a client step: hand the part on (sequential); after the round's last step: combine the parts."""
+        assert self._channel is not None and self._federation is not None
+        last = batch_idx + 1 >= trainer.num_training_batches
+        if self.is_client and self.paradigm == "sequential":
+            _, after = self._neighbours(batch_idx)
+            if after is not None and after != self.global_rank:
+                with self._link_errors(f"handing the head and tail to client {after}"):
+                    self._among().send(self._client_part(), dst=after)
+        if not last:
+            return
+        among = self._among()
+        with self._link_errors("combining the clients' parts at the end of the round"):
+            if self.is_client and self.paradigm == "sequential":  # everyone continues from the last one served
+                final = self._served["train"][-1]
+                part = among.broadcast(self._client_part() if self.global_rank == final else None, src=final,
+                                       what="client part (sequential)")
+                if self.global_rank != final:
+                    self.lightning_module.load_state_dict(part, strict=False)
+            elif self.is_client:
+                fedavg_(list(self._client_part().values()), weight=self._lengths["train"][self.global_rank],
+                        group=self._federation.among_clients)
+            elif self._slots is not None:
+                self._slots.average(self._lengths["train"])
+
+    def _own_checkpoint_path(self) -> str:
+        """Where a client that follows client 0's save writes: ``last.ckpt`` in its own checkpoint folder."""
+        callback = self.lightning_module.trainer.checkpoint_callback
+        folder = getattr(callback, "dirpath", None) or os.path.join(self.lightning_module.trainer.default_root_dir,
+                                                                     f"client{self.global_rank}")
+        return os.path.join(folder, "last.ckpt")
 
     def _batches_done(self) -> int:
         return self.lightning_module.trainer.fit_loop.epoch_loop.batch_progress.current.processed
@@ -258,9 +477,12 @@ class SplitPipelineStrategy(DDPStrategy):
         module = self.lightning_module
         with self.precision_plugin.train_step_context(), self._fresh_gradients():
             if not self.is_client:
+                self._serve("train", int(args[0]))
                 self.pipeline.train_step()
                 return torch.zeros((), device=self.root_device)  # Lightning steps the optimiser only on a tensor
             batch, batch_idx, rest = args[0], args[1] if len(args) > 1 else 0, args[2:]
+            if self.many and self.paradigm == "sequential":
+                self._take_turn(batch_idx)
             inputs = self._client_inputs(batch)
             size = inputs[0].shape[0]
 
@@ -351,6 +573,9 @@ class SplitPipelineStrategy(DDPStrategy):
     def _forward_only(self, hook: str, *args: Any, **kwargs: Any) -> Any:
         assert self.pipeline is not None
         if not self.is_client:
+            trainer = self.lightning_module.trainer
+            stage = "sanity" if trainer.sanity_checking else trainer.state.stage.dataloader_prefix
+            self._serve(stage, int(args[1]) if len(args) > 1 else int(args[0]))
             self.pipeline.eval_step()
             return None
         module = self.lightning_module
@@ -371,12 +596,21 @@ class SplitPipelineStrategy(DDPStrategy):
         )
 
     def gather_to_client(self, tensor: Tensor) -> Tensor | None:
-        """Both ranks call it with same-shaped tensors; the client gets ``[client's, server's]``, the server None."""
+        """Both ranks call it with same-shaped tensors; the client gets ``[client's, server's]``, the server None.
+
+        With many clients, over the link of the client the server serves now; between rounds' steps (an epoch's
+        end) the server sends its value to every client in turn.
+        """
         assert self._channel is not None
         local = tensor.detach().to(self._channel.device)
-        rows = [torch.empty_like(local) for _ in range(2)] if self.is_client else None
-        dist.gather(local, rows, dst=CLIENT)
-        return torch.stack(rows).to(tensor.device) if rows is not None else None
+        if self.is_client:
+            rows = [torch.empty_like(local) for _ in range(2)]
+            dist.gather(local, rows, dst=self.global_rank, group=self._links[0].group)
+            return torch.stack(rows).to(tensor.device)
+        clients = range(self.clients) if self._serving is None else [self._serving]
+        for client in clients:
+            dist.gather(local, None, dst=client, group=self._links[client].group)
+        return None
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
@@ -384,15 +618,17 @@ class SplitPipelineStrategy(DDPStrategy):
         assert self._channel is not None
         with self._link_errors("a broadcast"):
             self._announce(BROADCAST)
-            return self._channel.broadcast(obj, src=src, what="decision")
+            if self.many and self.global_rank not in (0, self.server_rank):
+                return obj  # paths and flags are each client's own; the server follows client 0
+            return self._links[0].broadcast(obj, src=src, what="decision")
 
     @override
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         assert self._channel is not None
         with self._link_errors("a decision"):
             self._announce(DECIDE)
-            (value,) = self._channel.broadcast_numbers([int(bool(decision))] if self.is_client else None, length=1,
-                                                       src=CLIENT, what="decision")
+            (value,) = self._channel.broadcast_numbers([int(bool(decision))] if self.global_rank == 0 else None,
+                                                       length=1, src=0, what="decision")
         return bool(value)
 
     def _link_errors(self, what: str) -> Any:
@@ -406,7 +642,7 @@ class SplitPipelineStrategy(DDPStrategy):
             phase = "set-up"
         if self._protocol:
             phase = f"{phase}, in a checkpoint or early-stopping decision"
-        return link_errors(f"{what} ({phase})", rank=self.global_rank, timeout=self.timeout_s)
+        return link_errors(f"{what} ({phase})", rank=self._link_role, timeout=self.timeout_s, peer=self._peer_name())
 
     @override
     def barrier(self, name: str | None = None, *args: Any, **kwargs: Any) -> None:
@@ -416,7 +652,7 @@ class SplitPipelineStrategy(DDPStrategy):
             # The client may work alone in setup (codec calibration: minutes at 224 px). The server waits for it
             # knowingly, up to setup_timeout; a client that dies meanwhile still ends the wait at once.
             with link_errors("set-up (waiting for the client's setup, e.g. codec calibration)",
-                             rank=self.global_rank, timeout=self.setup_timeout_s):
+                             rank=self._link_role, timeout=self.setup_timeout_s, peer=self._peer_name()):
                 dist.monitored_barrier(timeout=timedelta(seconds=self.setup_timeout_s))
             return
         with self._link_errors(f"a barrier ({name})" if name else "a barrier"):
@@ -424,10 +660,10 @@ class SplitPipelineStrategy(DDPStrategy):
 
     def _announce(self, op: int, arg: int = 0) -> None:
         """Inside a client-led hook, tell the following server which collective comes next."""
-        if self._protocol and self.is_client:
+        if self._protocol and self.global_rank == 0:
             assert self._channel is not None
             with self._link_errors("a checkpoint or early-stopping decision"):
-                self._channel.broadcast_numbers([op, arg], length=2, src=CLIENT, what="decision")
+                self._channel.broadcast_numbers([op, arg], length=2, src=0, what="decision")
 
     def _clip_grad_by_global_norm(self, optimizer: Any, clip_val: float) -> None:
         """Clip both ranks by the norm of the whole model's gradient.
@@ -443,8 +679,9 @@ class SplitPipelineStrategy(DDPStrategy):
         if squared is not None:
             total = float(squared.sum().sqrt())
             scale = [min(1.0, clip_val / (total + 1e-6))]  # torch's clip_grads_with_norm_ formula
-        (scale,) = self._channel.broadcast_numbers(scale, length=1, src=CLIENT, what="clip scale",
-                                                   dtype=torch.float64)
+        link = self._links[0] if self.is_client else self._links[self._serving or 0]
+        (scale,) = link.broadcast_numbers(scale, length=1, src=self.global_rank if self.is_client else
+                                          (self._serving or 0), what="clip scale", dtype=torch.float64)
         if params and scale < 1.0:
             torch._foreach_mul_([p.grad for p in params], scale)
 
@@ -460,11 +697,18 @@ class SplitPipelineStrategy(DDPStrategy):
         assert self._channel is not None
         self._announce(SAVE, int(_is_weights_only(checkpoint)))
         checkpoint[_RNG_KEY] = rng_state()  # each rank's own random state, restored on resume
-        with link_errors("checkpointing (the server's share)", rank=self.global_rank, timeout=self.timeout_s):
+        with link_errors("checkpointing (the server's share)", rank=self._link_role, timeout=self.timeout_s,
+                         peer=self._peer_name()):
             if not self.is_client:
-                self._channel.send({k: checkpoint[k] for k in _SERVER_SHARE if k in checkpoint}, dst=CLIENT)
+                for client, link in enumerate(self._links):  # each client's file holds the body it trains with
+                    share = {k: checkpoint[k] for k in _SERVER_SHARE if k in checkpoint}
+                    if self._slots is not None:
+                        share["state_dict"] = self._slots.state_dict(client, checkpoint["state_dict"])
+                    link.send(share, dst=client)
                 return
-            share = self._channel.recv(src=SERVER, what="server checkpoint share")
+            share = self._links[0].recv(src=self.server_rank, what="server checkpoint share")
+            if self.many and "<" in str(filepath):  # a client following client 0's save: its own folder
+                filepath = self._own_checkpoint_path()
         checkpoint = {**checkpoint, "state_dict": {**share.pop("state_dict"), **checkpoint["state_dict"]}}
         if "optimizer_states" in checkpoint:
             checkpoint["optimizer_states"] = [{"split_ranks": [own, server]} for own, server in
@@ -484,12 +728,22 @@ class SplitPipelineStrategy(DDPStrategy):
             except (OSError, KeyError, ValueError, RuntimeError) as err:
                 error = err
                 share = {"error": f"the client could not resume from its checkpoint: {err}"}
-        with link_errors("resuming (sending the server its share)", rank=self.global_rank, timeout=self.timeout_s):
-            share = self._channel.broadcast(share, src=CLIENT, what="server checkpoint share")
+        with link_errors("resuming (sending the server its share)", rank=self._link_role, timeout=self.timeout_s,
+                         peer=self._peer_name()):
+            if self.is_client:
+                self._links[0].broadcast(share, src=self.global_rank, what="server checkpoint share")
+                shares = [share]
+            else:
+                shares = [link.broadcast(None, src=client, what="server checkpoint share")
+                          for client, link in enumerate(self._links)]
         if error is not None:
             raise error
-        if "error" in share:
-            raise RuntimeError(share["error"])
+        for client, one in enumerate(shares):
+            if "error" in one:
+                raise RuntimeError(one["error"] if not self.many else f"client {client}: {one['error']}")
+        if self._slots is not None:
+            self._slots.load([one["state_dict"] for one in shares])
+        share = shares[0]
         own = checkpoint if self.is_client else share
         if _RNG_KEY in own:  # a checkpoint at an epoch's end; mid-epoch, the loaders restore it (splitlit.resume)
             set_rng_state(own[_RNG_KEY])
@@ -515,7 +769,7 @@ class SplitPipelineStrategy(DDPStrategy):
         share = {k: v for k, v in checkpoint.get(_SERVER_KEY, {}).items()}
         share["state_dict"] = {k: checkpoint["state_dict"][k] for k in server_keys}
         if "optimizer_states" in checkpoint:
-            share["optimizer_states"] = [{"split_ranks": [{}, _rank_state(s, SERVER, path)]}
+            share["optimizer_states"] = [{"split_ranks": [{}, _rank_state(s, SERVER_RANK, path)]}
                                          for s in checkpoint["optimizer_states"]]
         for key in ("epoch", "global_step", "pytorch-lightning_version"):
             share.setdefault(key, checkpoint.get(key))
@@ -535,7 +789,7 @@ class SplitPipelineStrategy(DDPStrategy):
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            optimizer.load_state_dict(_rank_state(state, self.global_rank, "this checkpoint"))
+            optimizer.load_state_dict(_rank_state(state, self._link_role, "this checkpoint"))
 
     @override
     def on_train_start(self) -> None:
@@ -609,6 +863,11 @@ _SERVER_SHARE = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "ep
                  "pytorch-lightning_version", "MixedPrecision", _RNG_KEY)
 
 
+def _local_sigterm(trainer: Trainer) -> None:
+    if getattr(trainer, "received_sigterm", False):
+        raise SIGTERMException()
+
+
 def _is_weights_only(checkpoint: Mapping[str, Any]) -> bool:
     return "optimizer_states" not in checkpoint
 
@@ -625,3 +884,24 @@ def _check_share(weights: Mapping[str, Any], expected: list[str], what: str) -> 
     if unexpected:
         raise KeyError(f"The client sent the server {what} it does not own: {unexpected[:5]}. Both ranks must run "
                        f"the same model and split.")
+
+
+class _Rounds(Callback):
+    """Many clients: ends each client step (a turn handed on) and each round (parts combined), before any other
+    callback sees the model; and, at an epoch's end, tells the server that no client is being served."""
+
+    def __init__(self, strategy: SplitPipelineStrategy) -> None:
+        self.strategy = strategy
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.strategy._after_step(trainer, batch_idx)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.strategy._serving = None
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.strategy._serving = None

@@ -115,12 +115,22 @@ class Ledger:
 
 
 class Channel:
-    """Tensor-only messages between the two ranks (gloo needs CPU tensors: give ``device="cpu"`` then)."""
+    """Tensor-only messages between ranks (gloo needs CPU tensors: give ``device="cpu"`` then).
 
-    def __init__(self, rank: int, device: torch.device | str = "cpu", ledger: Ledger | None = None) -> None:
+    ``rank`` is this process's global rank; ``src`` and ``dst`` are global ranks too. With ``group`` the
+    collectives reach that group's ranks only (one client-server link, or the clients among themselves).
+    """
+
+    def __init__(self, rank: int, device: torch.device | str = "cpu", ledger: Ledger | None = None,
+                 group: dist.ProcessGroup | None = None) -> None:
         self.rank = rank
         self.device = torch.device(device)
         self.ledger = ledger if ledger is not None else Ledger()
+        self.group = group
+
+    def on(self, group: dist.ProcessGroup | None) -> Channel:
+        """The same endpoint and ledger over another group."""
+        return Channel(self.rank, self.device, self.ledger, group)
 
     def broadcast_numbers(self, values: Sequence[float] | None, *, length: int, src: int, what: str,
                           dtype: torch.dtype = torch.int64) -> list:
@@ -129,7 +139,7 @@ class Channel:
         if self.rank == src:
             assert values is not None and len(values) == length, (values, length)
             words.copy_(torch.tensor(list(values), dtype=dtype))
-        dist.broadcast(words, src=src)
+        dist.broadcast(words, src=src, group=self.group)
         if self.rank != src:
             self.ledger.book(what, words.numel() * words.element_size())
         return words.tolist()
@@ -140,22 +150,30 @@ class Channel:
         (size,) = self.broadcast_numbers([len(data)], length=1, src=src, what=f"{what} (size)")
         payload = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device) if self.rank == src
                    else torch.empty(size, dtype=torch.uint8, device=self.device))
-        dist.broadcast(payload, src=src)
+        dist.broadcast(payload, src=src, group=self.group)
         if self.rank == src:
             return obj
         self.ledger.book(what, size)
         return unpack(payload.cpu().numpy().tobytes())
 
+    def all_numbers(self, values: Sequence[float], *, what: str, dtype: torch.dtype = torch.int64) -> list[list]:
+        """Every rank's ``values`` (the same length everywhere), in rank order of the group."""
+        mine = torch.tensor(list(values), dtype=dtype, device=self.device)
+        rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(rows, mine, group=self.group)
+        self.ledger.book(what, (len(rows) - 1) * mine.numel() * mine.element_size())
+        return [row.tolist() for row in rows]
+
     def send(self, obj: Any, *, dst: int) -> None:
         data = pack(obj)
-        dist.send(torch.tensor([len(data)], dtype=torch.int64, device=self.device), dst=dst)
-        dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device), dst=dst)
+        dist.send(torch.tensor([len(data)], dtype=torch.int64, device=self.device), dst=dst, group=self.group)
+        dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device), dst=dst, group=self.group)
 
     def recv(self, *, src: int, what: str) -> Any:
         size = torch.zeros(1, dtype=torch.int64, device=self.device)
-        dist.recv(size, src=src)
+        dist.recv(size, src=src, group=self.group)
         payload = torch.empty(int(size), dtype=torch.uint8, device=self.device)
-        dist.recv(payload, src=src)
+        dist.recv(payload, src=src, group=self.group)
         self.ledger.book(what, int(size) + size.element_size())
         return unpack(payload.cpu().numpy().tobytes())
 
@@ -219,28 +237,31 @@ def _local_secret(key: str) -> str:
     return _read_secret_file(path)
 
 
-def authenticate(store: dist.Store, *, rank: int, secret: bytes, timeout: float, run_id: str = "") -> None:
-    """Each rank proves to the other that it holds ``secret``: an HMAC of the peer's fresh challenge.
+def authenticate(store: dist.Store, *, rank: int, secret: bytes, timeout: float, run_id: str = "",
+                 world_size: int = 2) -> None:
+    """Each rank proves to every other that it holds ``secret``: an HMAC of the other's fresh challenge.
 
-    Both ranks write a random challenge to the store, answer the other's, and check the other's answer; the
-    secret itself never crosses. Whoever sees a wrong answer raises, and so does the other rank, since its own
-    check fails alike. Call it right after the process group exists, before anything else crosses.
+    Every rank writes a random challenge to the store, answers the others', and checks their answers to its
+    own; the secret itself never crosses. Whoever sees a wrong answer raises, and so does the other rank, since
+    its own check fails alike. Call it right after the process group exists, before anything else crosses.
     """
-    peer = 1 - rank
+    peers = [r for r in range(world_size) if r != rank]
     prefix = f"splitlit/auth/{run_id}"
     nonce = secrets.token_hex(16)
     store.set(f"{prefix}/challenge/{rank}", nonce)
-    store.wait([f"{prefix}/challenge/{peer}"])
-    peer_nonce = store.get(f"{prefix}/challenge/{peer}").decode()
-    store.set(f"{prefix}/answer/{rank}", _answer(secret, peer_nonce, rank))
-    store.wait([f"{prefix}/answer/{peer}"])
-    answer = store.get(f"{prefix}/answer/{peer}").decode()
-    if not hmac.compare_digest(answer, _answer(secret, nonce, peer)):
-        who = "server (rank 1)" if rank == 0 else "client (rank 0)"
-        raise PeerAuthError(
-            f"The {who} does not hold this job's secret, so nothing was sent to it. Give both ranks the same "
-            f"{SECRET_ENV} (or {SECRET_FILE_ENV}); if you did, another process may be trying to join this job."
-        )
+    store.wait([f"{prefix}/challenge/{peer}" for peer in peers])
+    for peer in peers:
+        peer_nonce = store.get(f"{prefix}/challenge/{peer}").decode()
+        store.set(f"{prefix}/answer/{rank}/{peer}", _answer(secret, peer_nonce, rank))
+    store.wait([f"{prefix}/answer/{peer}/{rank}" for peer in peers])
+    for peer in peers:
+        answer = store.get(f"{prefix}/answer/{peer}/{rank}").decode()
+        if not hmac.compare_digest(answer, _answer(secret, nonce, peer)):
+            who = f"rank {peer}" if world_size > 2 else ("server (rank 1)" if rank == 0 else "client (rank 0)")
+            raise PeerAuthError(
+                f"The {who} does not hold this job's secret, so nothing was sent to it. Give every rank the same "
+                f"{SECRET_ENV} (or {SECRET_FILE_ENV}); if you did, another process may be trying to join this job."
+            )
 
 
 def _answer(secret: bytes, nonce: str, rank: int) -> str:

@@ -1,0 +1,96 @@
+"""The toy U model (tests/scripts/toy.py) trained by several clients and one server.
+
+    python tests/scripts/clients_toy.py --out DIR --clients 3 --paradigm sequential [--epochs 2] [--identical]
+    python tests/scripts/clients_toy.py --out DIR --clients 3 --reference     # one process, the same batches
+
+Client ``i`` holds the ``i``-th of ``clients`` equal shards of the toy data (``--identical``: every client the
+whole set; ``--uneven``: client ``i`` has ``i + 1`` batches). Each rank dumps its final state to DIR/rank{r}.pt,
+and the clients their validation logits to DIR/val_logits{r}.pt. ``--reference`` trains the unsplit module on one
+process on the clients' batches in the order the server serves them (round-robin), which is what sequential split
+learning computes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from splitlit import SplitPipelineStrategy  # noqa: E402
+from splitlit.clients import services  # noqa: E402
+from tests.scripts.toy import Toy  # noqa: E402
+
+
+class SGDToy(Toy):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)  # no momentum: a client's optimiser holds no state
+
+
+def shards(clients: int, batch_size: int, *, identical: bool, uneven: bool) -> list[list[tuple]]:
+    """Every client's training batches, in order."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(96, 6, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+    batches = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    if identical:
+        return [batches for _ in range(clients)]
+    if uneven:
+        return [batches[c * (c + 1) // 2: c * (c + 1) // 2 + c + 1] for c in range(clients)]
+    return [batches[c::clients] for c in range(clients)]
+
+
+def val_loader(batch_size: int) -> DataLoader:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(20, 6, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--clients", type=int, default=2)
+    p.add_argument("--paradigm", default="sequential")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--chunks", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--identical", action="store_true")
+    p.add_argument("--uneven", action="store_true")
+    p.add_argument("--reference", action="store_true")
+    p.add_argument("--devices", type=int, default=None, help="processes (default clients + 1)")
+    args = p.parse_args()
+    L.seed_everything(0, verbose=False)
+    model = SGDToy()
+    per_client = shards(args.clients, args.batch_size, identical=args.identical, uneven=args.uneven)
+    common = dict(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1)
+    if args.reference:
+        order = services([len(b) for b in per_client])
+        turns = [per_client[c][sum(1 for d in order[:k] if d == c)] for k, c in enumerate(order)]
+        trainer = L.Trainer(devices=1, **common)
+        trainer.fit(model, DataLoader(turns, batch_size=None), val_loader(args.batch_size))
+        rank = "reference"
+    else:
+        strategy = SplitPipelineStrategy(chunks=args.chunks, clients=args.clients, paradigm=args.paradigm,
+                                         timeout=60)
+        trainer = L.Trainer(devices=args.devices or args.clients + 1, strategy=strategy, **common)
+        mine = int(os.environ.get("LOCAL_RANK", 0))  # Lightning's launcher: this process's rank
+        train = DataLoader(per_client[mine] if mine < args.clients else [], batch_size=None)
+        trainer.fit(model, train, val_loader(args.batch_size))
+        rank = trainer.global_rank
+    args.out.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items() if not v.is_meta}
+    torch.save({"state": state, "ledger": getattr(trainer.strategy, "ledger", None) and
+                list(trainer.strategy.ledger.received)}, args.out / f"rank{rank}.pt")
+    if model.val_logits:
+        torch.save(torch.cat(model.val_logits[-3:]), args.out / f"val_logits{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
