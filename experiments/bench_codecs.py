@@ -21,7 +21,7 @@ standard deviation, n, and the paired difference to ``none`` (same seeds) with i
 bench cut short keeps the seeds it finished. ``--only`` / ``--skip`` pick rows, so rows can run in parallel
 processes; ``--merge`` then joins their JSON files into one paired table.
 
-The codecs run unsplit (same modules as the split run); bytes are :func:`splitlit.wire.analytic_link_bytes`,
+The codecs run unsplit (same modules as the split run); bytes are :func:`splitlit.traffic.analytic_link_bytes`,
 which the two-rank tests prove equal to what the transport sends. Time: on 2 CPU cores a run of ``--train
 2000 --epochs 2`` takes about 1.5 minutes (none) to 3 minutes (a codec, with its calibration) when the
 machine is otherwise idle; the test suite runs a 2-seed tiny version (``tests/test_bench_codecs.py``).
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from experiments.cifar10_mobilenet import IMAGENET_MEAN, IMAGENET_STD, LocalCIFAR10, MobileNetV2Classifier
 from experiments.stats import format_difference, format_mean, over_seeds, paired_seeds_argument
 from splitlit.codecs import REPORT_CODECS, calibrate, report_codecs
-from splitlit.wire import analytic_link_bytes
+from splitlit.traffic import analytic_link_bytes
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -18,9 +18,9 @@ _WHERE = {
     "SplitPipeline": "splitlit.pipeline",
     "Split": "splitlit.split",
     "SplitError": "splitlit.split",
-    "LinkMeter": "splitlit.stage",
+    "LinkMeter": "splitlit.meter",
     "MeteredStage": "splitlit.stage",
-    "Transfer": "splitlit.stage",
+    "Transfer": "splitlit.meter",
     "SplitPipelineStrategy": "splitlit.strategy",
 }
 
@@ -31,7 +31,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from splitlit.codecs import Codec, ConvInsert, PowerIteration, make_codec
     from splitlit.pipeline import PeerLostError, SplitPipeline
     from splitlit.split import Split, SplitError
-    from splitlit.stage import LinkMeter, MeteredStage, Transfer
+    from splitlit.meter import LinkMeter, Transfer
+    from splitlit.stage import MeteredStage
     from splitlit.strategy import SplitPipelineStrategy
 
 

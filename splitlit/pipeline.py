@@ -25,7 +25,8 @@ import torch.distributed as dist
 
 from splitlit.schedule import USchedule
 from splitlit.split import Split
-from splitlit.stage import LinkMeter, MeteredStage
+from splitlit.meter import LinkMeter
+from splitlit.stage import MeteredStage
 from splitlit.transport import Ledger
 from splitlit.wire import WirePlan
 

@@ -49,7 +49,7 @@ from splitlit.placement import (_disable_metric_sync, _keep_data_off_server, _ke
 from splitlit.resume import ResumableLoader, ServerBatches, rng_state, seed_rank_apart, set_rng_state
 from splitlit.schedule import ORDERS
 from splitlit.split import Split, SplitError
-from splitlit.stage import LinkMeter
+from splitlit.meter import LinkMeter
 from splitlit.transport import Channel, Ledger, authenticate, resolve_secret
 from splitlit.wire import WirePlan
 

@@ -10,16 +10,14 @@ import torch.distributed as dist
 
 from splitlit import SplitPipelineStrategy
 from splitlit.codecs import report_codecs
-from splitlit.stage import LinkMeter
+from splitlit.meter import LinkMeter
+from splitlit.traffic import analytic_link_bytes, compress_rates, link_bytes
 from splitlit.wire import (
     Cast,
     Int8,
     TopK,
     WireEndpoint,
     WirePlan,
-    analytic_link_bytes,
-    compress_rates,
-    link_bytes,
     make_wire_codec,
 )
 
