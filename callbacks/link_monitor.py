@@ -8,6 +8,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
 from callbacks.run_summary import write_run_summary
+from splitlit.checks import check_count
 from splitlit.traffic import BatchLink, LinkTotals, LinkWindows, ServerView, from_server, summarize
 
 __all__ = ["LinkMonitor"]
@@ -31,10 +32,8 @@ class LinkMonitor(Callback):
     logs_unsplit = False
 
     def __init__(self, warmup_batches: int = 1) -> None:
-        if not isinstance(warmup_batches, int) or warmup_batches < 0:
-            raise ValueError(f"{type(self).__name__}(warmup_batches={warmup_batches!r}): give a number of "
-                             f"batches >= 0.")
-        self.warmup_batches = warmup_batches
+        self.warmup_batches = check_count(type(self).__name__, "warmup_batches", warmup_batches, at_least=0,
+                                          fix="give a number of batches >= 0.")
         self._meter: Any = None
         self._windows = LinkWindows(warmup_batches)
 

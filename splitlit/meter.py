@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 from torch.distributed.pipelining import schedules as _schedules
 
+from splitlit.checks import check_count
+
 __all__ = ["Compute", "LinkMeter", "Transfer"]
 
 
@@ -83,8 +85,7 @@ class LinkMeter:
     computes: deque[Compute] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_records, int) or self.max_records < 1:
-            raise ValueError(f"LinkMeter(max_records={self.max_records!r}): keep at least 1 record.")
+        check_count("LinkMeter", "max_records", self.max_records, fix="keep at least 1 record.")
         self.transfers, self.computes = deque(maxlen=self.max_records), deque(maxlen=self.max_records)
         self._bytes: Counter[tuple[str, str, str]] = Counter()
         self._compute_s = 0.0

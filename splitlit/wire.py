@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from splitlit.checks import check_count
+
 # What users configure; CUTS, KINDS and WireEndpoint serve the stage and splitlit.traffic.
 __all__ = ["WIRE_CODECS", "Cast", "Int8", "TopK", "WireCodec", "WirePlan", "make_wire_codec"]
 
@@ -97,8 +99,7 @@ class Int8(WireCodec):
     def __init__(self, granularity: str = "channel", block_size: int = 64) -> None:
         if granularity not in ("channel", "block"):
             raise ValueError(f"Int8(granularity={granularity!r}): choose 'channel' or 'block'.")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"Int8(block_size={block_size!r}): give a positive integer, e.g. 64.")
+        check_count("Int8", "block_size", block_size, fix="give a positive integer, e.g. 64.")
         self.granularity, self.block_size = granularity, block_size
         self.name = "int8" if granularity == "channel" else f"int8-block{block_size}"
 
