@@ -35,12 +35,9 @@ class CodecCalibration(Callback):
             tail received before calibration (``distill(..., network=True)``): the network adapts to its codecs
             before fine-tuning, which is what closes the accuracy gap of a parameter-free codec. Each step costs
             about a training step, on the client (which holds every weight until the strategy's setup; the
-            strategy then ships the adapted server part). 0 steps: none. Its effect on accuracy, over seeds
-            with the paired difference to no compression: ``python -m experiments.bench_codecs --seeds 0-4``
-            (the README's "Benchmarks" states the measured numbers).
-        batch_stats: calibrate with BatchNorm on batch statistics, as the codecs will see while fine-tuning
-            (it lowers the held-out error of the tail's input of conv insert 0.097 at the start; its effect on
-            accuracy after a short fine-tune was not told apart from seed noise).
+            strategy then ships the adapted server part). 0 steps: none. Its effect on accuracy: the README's
+            "Accuracy over seeds" (``python -m experiments.bench_codecs --seeds 0-4``).
+        batch_stats: calibrate with BatchNorm on batch statistics, as the codecs will see while fine-tuning.
 
     Logs nothing to the logger; the relative errors are in :attr:`report` and the log.
     """

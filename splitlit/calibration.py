@@ -97,13 +97,8 @@ def distill(split: Split, batches: list[tuple], *, steps: int, lr: float = 1e-4,
     adapts to the codecs before fine-tuning, which is what a parameter-free codec such as power iteration
     needs. The teacher then runs as the pretrained network is used, BatchNorm on its running statistics,
     while the student sees batch statistics as it will while fine-tuning. Returns the relative error of the
-    tail's input over all batches, before and after.
-
-    The defaults (50 steps at lr 5e-4, the teacher on running statistics, the loss on the tail's input) were
-    chosen on MobileNetV2 / CIFAR-10 at 96 px from runs of one to three seeds each; their accuracy over seeds,
-    paired with no compression, is measured by ``python -m experiments.bench_codecs --seeds 0-4`` (numbers in
-    the README's "Benchmarks"). ``network=False`` (codecs only), 40 steps at lr 1e-4 after PCA raised the
-    tail-input error of conv insert 0.097 on 16 batches from 0.53 to 0.59.
+    tail's input over all batches, before and after. How the defaults were chosen, and what they do to accuracy:
+    the README's "Compression at the cuts" and ``python -m experiments.bench_codecs``.
     """
     parts = [split.up, split.down] + ([split.head, split.body] if network else [])
     params = [p for m in parts if m is not None and (network or isinstance(m, Codec))
