@@ -42,7 +42,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from typing_extensions import override
 
 from callbacks import BestMetric, LinkTrafficMonitor, PipelineTimingMonitor
-from splitlit.link import LINK_ENV  # the link's settings, as python -m splitlit.link hands them to each rank
+from splitlit.link import LINK_ENV
 
 __all__ = ["CONFIG_DIR", "LINK_ENV", "RUN_FILE", "RunSettings", "SplitCLI", "run_cli", "wandb_mode"]
 
