@@ -10,7 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from callbacks._link_records import write_run_summary
+from callbacks.run_summary import write_run_summary
 
 __all__ = ["BestMetric"]
 

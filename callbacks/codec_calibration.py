@@ -5,13 +5,14 @@ from __future__ import annotations
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from splitlit.codecs import calibrate
+from splitlit.calibration import calibrate
+from splitlit.checks import check_count
 
 __all__ = ["CodecCalibration"]
 
 
 class CodecCalibration(Callback):
-    """Calibrates the model's codecs (see :func:`splitlit.codecs.calibrate`) on the first training batches.
+    """Calibrates the model's codecs (see :func:`splitlit.calibration.calibrate`) on the first training batches.
 
     Usage::
 
@@ -29,17 +30,14 @@ class CodecCalibration(Callback):
         pca: initialise learned codecs from the principal components of their activations.
         warmup_steps / warmup_lr: reconstruction warm-up of each codec alone (0 steps: none).
         distill_steps / distill_lr: distillation of the codecs on what the tail receives, with the network
-            frozen (:func:`splitlit.codecs.distill`; 0 steps: none). Each step costs about a training step.
+            frozen (:func:`splitlit.calibration.distill`; 0 steps: none). Each step costs about a training step.
         adapt_steps / adapt_lr: then distillation of the head, the body and the codecs together towards what the
             tail received before calibration (``distill(..., network=True)``): the network adapts to its codecs
             before fine-tuning, which is what closes the accuracy gap of a parameter-free codec. Each step costs
             about a training step, on the client (which holds every weight until the strategy's setup; the
-            strategy then ships the adapted server part). 0 steps: none. Its effect on accuracy, over seeds
-            with the paired difference to no compression: ``python -m experiments.bench_codecs --seeds 0-4``
-            (the README's "Benchmarks" states the measured numbers).
-        batch_stats: calibrate with BatchNorm on batch statistics, as the codecs will see while fine-tuning
-            (it lowers the held-out error of the tail's input of conv insert 0.097 at the start; its effect on
-            accuracy after a short fine-tune was not told apart from seed noise).
+            strategy then ships the adapted server part). 0 steps: none. Its effect on accuracy: the README's
+            "Accuracy over seeds" (``python -m experiments.bench_codecs --seeds 0-4``).
+        batch_stats: calibrate with BatchNorm on batch statistics, as the codecs will see while fine-tuning.
 
     Logs nothing to the logger; the relative errors are in :attr:`report` and the log.
     """
@@ -47,12 +45,10 @@ class CodecCalibration(Callback):
     def __init__(self, batches: int = 16, pca: bool = True, warmup_steps: int = 0, warmup_lr: float = 1e-3,
                  distill_steps: int = 0, distill_lr: float = 1e-4, adapt_steps: int = 50, adapt_lr: float = 5e-4,
                  batch_stats: bool = True) -> None:
-        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
-            raise ValueError(f"CodecCalibration(batches={batches!r}): give at least 1 batch.")
+        check_count("CodecCalibration", "batches", batches, fix="give at least 1 batch.")
         for name, steps in (("warmup_steps", warmup_steps), ("distill_steps", distill_steps),
                             ("adapt_steps", adapt_steps)):
-            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-                raise ValueError(f"CodecCalibration({name}={steps!r}): give a number of steps >= 0 (0: none).")
+            check_count("CodecCalibration", name, steps, at_least=0, fix="give a number of steps >= 0 (0: none).")
         self.batches, self.pca, self.batch_stats = batches, pca, batch_stats
         self.warmup_steps, self.warmup_lr = warmup_steps, warmup_lr
         self.distill_steps, self.distill_lr = distill_steps, distill_lr

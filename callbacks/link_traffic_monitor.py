@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from callbacks._link_records import FLOWS, LinkTotals, LinkWindows, ServerView, from_server, link_meter, summarize, \
-    write_run_summary
+from callbacks.link_monitor import LinkMonitor
+from splitlit.traffic import FLOWS, BatchLink, LinkTotals, ServerView
 
 __all__ = ["LinkTrafficMonitor"]
 
 MB = 1e6  # bandwidths are in MB/s with MB = 10**6 bytes, as in the report
 
 
-class LinkTrafficMonitor(Callback):
+class LinkTrafficMonitor(LinkMonitor):
     r"""Logs what crosses the two cuts of a split model, counted at the transport, and the bandwidth it needs.
 
     Usage::
@@ -27,7 +27,7 @@ class LinkTrafficMonitor(Callback):
         trainer = Trainer(accelerator="cpu", devices=2, strategy=strategy, callbacks=[LinkTrafficMonitor()])
 
     Bytes are those of the tensors handed to ``torch.distributed``'s point-to-point ops (after any wire codec),
-    as recorded by the strategy's :class:`~splitlit.stage.LinkMeter`; transport headers are not included.
+    as recorded by the strategy's :class:`~splitlit.meter.LinkMeter`; transport headers are not included.
     Only training batches count: validation, test and sanity-check traffic is discarded. Everything is logged
     once, by the client (rank 0); the server's figures reach it through one small ``gather`` to the client on each logging
     step and at each epoch end, which both ranks run.
@@ -66,21 +66,16 @@ class LinkTrafficMonitor(Callback):
     """
 
     def __init__(self, warmup_batches: int = 1) -> None:
-        if not isinstance(warmup_batches, int) or warmup_batches < 0:
-            raise ValueError(f"LinkTrafficMonitor(warmup_batches={warmup_batches!r}): give a number of batches >= 0.")
-        self.warmup_batches = warmup_batches
-        self._meter: Any = None
-        self._windows = LinkWindows(warmup_batches)
+        super().__init__(warmup_batches)
         self._raw_per_chunk = dict.fromkeys(FLOWS, 0)
         self._hooks: list[RemovableHandle] = []
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._meter = link_meter(trainer)
+        super().setup(trainer, pl_module, stage)
         if self._meter is None:
             rank_zero_warn(f"LinkTrafficMonitor: the strategy {type(trainer.strategy).__name__} has no link meter "
                            f"(the model is not split), so there is no traffic to log. Use SplitPipelineStrategy.")
-        self._windows = LinkWindows(self.warmup_batches)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -93,42 +88,30 @@ class LinkTrafficMonitor(Callback):
                        split.tail.register_forward_pre_hook(self._tail_input)]
 
     def _head_output(self, module: Any, args: Any, output: Any) -> None:
-        self._raw_per_chunk["up_activation"], self._raw_per_chunk["up_gradient"] = _cut_bytes(output)
+        self._raw_per_chunk["up.activation"], self._raw_per_chunk["up.gradient"] = _cut_bytes(output)
 
     def _tail_input(self, module: Any, args: Any) -> None:
-        self._raw_per_chunk["down_activation"], self._raw_per_chunk["down_gradient"] = _cut_bytes(args)
+        self._raw_per_chunk["down.activation"], self._raw_per_chunk["down.gradient"] = _cut_bytes(args)
 
     @override
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._meter is not None:
-            self._meter.reset()  # drop what validation or an earlier batch left
+    def measured(self, batch: BatchLink | None) -> dict[str, float]:
+        return {"raw_bytes": sum(self._raw_per_chunk.values()) * batch.microbatches}
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if self._meter is None:
-            return
-        record = summarize(self._meter.transfers, self._meter.computes)
-        raw = sum(self._raw_per_chunk.values()) * record.microbatches
-        self._windows.add(record, raw_bytes=raw)
-        if not trainer._logger_connector.should_update_logs:
-            return
-        server = from_server(trainer.strategy, [self._windows.batch])
-        if server is not None:
-            trainer._logger_connector.log_metrics(_figures(self._windows.batch, server[0]))
-
-    @override
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._meter is None:
-            return
-        epoch, run = self._windows.epoch, self._windows.run
-        server = from_server(trainer.strategy, [epoch, run])
-        self._windows.new_epoch()
-        if server is None:
-            return
-        trainer._logger_connector.log_metrics(_figures(epoch, server[0], suffix="_epoch"))
-        if run.batches:
-            write_run_summary(trainer, _figures(run, server[1], suffix="_run"))
+    def figures(self, totals: LinkTotals, server: ServerView | None) -> dict[str, float]:
+        chunks = max(totals.microbatches, 1)
+        compute = totals.compute_s + server.compute_s
+        nan = float("nan")
+        # The logged keys spell a flow with "_" ("link/up_activation_bytes_per_chunk"), as W&B runs already have.
+        figures = {f"link/{flow.replace('.', '_')}_bytes_per_chunk": totals.flows[flow] / chunks for flow in FLOWS}
+        figures.update({
+            "link/bytes_per_batch": totals.bytes / max(totals.batches, 1),
+            "link/compress_rate": totals.bytes / totals.raw_bytes if totals.raw_bytes else nan,
+            "link/bandwidth_avg_MBps": totals.bytes / compute / MB if compute > 0 else nan,
+            "link/bandwidth_peak_client_MBps": totals.peak_send_Bps / MB,
+            "link/bandwidth_peak_server_MBps": server.peak_recv_Bps / MB,
+        })
+        return figures
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -144,17 +127,3 @@ def _cut_bytes(value: Any) -> tuple[int, int]:
     backward = sum(t.numel() * t.element_size() for t in tensors if t.is_floating_point() and t.requires_grad)
     return forward, backward
 
-
-def _figures(totals: LinkTotals, server: ServerView, suffix: str = "") -> dict[str, float]:
-    chunks = max(totals.microbatches, 1)
-    compute = totals.compute_s + server.compute_s
-    nan = float("nan")
-    figures = {f"link/{flow}_bytes_per_chunk": totals.flows[flow] / chunks for flow in FLOWS}
-    figures.update({
-        "link/bytes_per_batch": totals.bytes / max(totals.batches, 1),
-        "link/compress_rate": totals.bytes / totals.raw_bytes if totals.raw_bytes else nan,
-        "link/bandwidth_avg_MBps": totals.bytes / compute / MB if compute > 0 else nan,
-        "link/bandwidth_peak_client_MBps": totals.peak_send_Bps / MB,
-        "link/bandwidth_peak_server_MBps": server.peak_recv_Bps / MB,
-    })
-    return {k + suffix: float(v) for k, v in figures.items()}

@@ -5,16 +5,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
-from callbacks._link_records import LinkTotals, LinkWindows, ServerView, from_server, link_meter, summarize, \
-    write_run_summary
+from callbacks.link_monitor import LinkMonitor
+from splitlit.traffic import BatchLink, LinkTotals, ServerView
 
 __all__ = ["PipelineTimingMonitor"]
 
 
-class PipelineTimingMonitor(Callback):
+class PipelineTimingMonitor(LinkMonitor):
     r"""Logs the wall time of each training batch, each rank's computation time, its waiting, and the bubble.
 
     Usage::
@@ -23,7 +23,7 @@ class PipelineTimingMonitor(Callback):
         trainer = Trainer(accelerator="cpu", devices=2, strategy=strategy, callbacks=[PipelineTimingMonitor()])
 
     Times come from ``time.perf_counter()``; stage computations from the strategy's
-    :class:`~splitlit.stage.LinkMeter` (each stage's forward or backward of one micro-batch, timed around the
+    :class:`~splitlit.meter.LinkMeter` (each stage's forward or backward of one micro-batch, timed around the
     computation alone). Everything is logged once, by the client (rank 0); the server's times reach it through
     one small ``gather`` to the client on each logging step and at each epoch end, which both ranks run.
 
@@ -58,55 +58,29 @@ class PipelineTimingMonitor(Callback):
             builds the pipeline stages and infers their shapes).
     """
 
-    def __init__(self, warmup_batches: int = 1) -> None:
-        if not isinstance(warmup_batches, int) or warmup_batches < 0:
-            raise ValueError(f"PipelineTimingMonitor(warmup_batches={warmup_batches!r}): give a number of "
-                             f"batches >= 0.")
-        self.warmup_batches = warmup_batches
-        self._meter: Any = None
-        self._windows = LinkWindows(warmup_batches)
-        self._start = 0.0
+    logs_unsplit = True  # time/batch_s
 
-    @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._meter = link_meter(trainer)
-        self._windows = LinkWindows(self.warmup_batches)
+    def __init__(self, warmup_batches: int = 1) -> None:
+        super().__init__(warmup_batches)
+        self._start = self._wall_s = 0.0
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._meter is not None:
-            self._meter.reset()  # drop what validation or an earlier batch left
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self._start = time.perf_counter()
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        wall = time.perf_counter() - self._start
-        record = summarize(self._meter.transfers, self._meter.computes) if self._meter is not None else None
-        self._windows.add(record, wall_s=wall)
-        if not trainer._logger_connector.should_update_logs:
-            return
-        server = self._server_views(trainer, [self._windows.batch])
-        if server is not None:
-            trainer._logger_connector.log_metrics(self._figures(self._windows.batch, server[0]))
+        self._wall_s = time.perf_counter() - self._start
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @override
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        epoch, run = self._windows.epoch, self._windows.run
-        server = self._server_views(trainer, [epoch, run])
-        self._windows.new_epoch()
-        if server is None:
-            return
-        trainer._logger_connector.log_metrics(self._figures(epoch, server[0], suffix="_epoch"))
-        if run.batches:
-            write_run_summary(trainer, self._figures(run, server[1], suffix="_run"))
+    def measured(self, batch: BatchLink | None) -> dict[str, float]:
+        return {"wall_s": self._wall_s}
 
-    def _server_views(self, trainer: Trainer, windows: list[LinkTotals]) -> list[ServerView | None] | None:
-        if self._meter is None:  # not split: nothing to gather, the only rank logs
-            return [None] * len(windows) if trainer.is_global_zero else None
-        return from_server(trainer.strategy, windows)
-
-    def _figures(self, totals: LinkTotals, server: ServerView | None, suffix: str = "") -> dict[str, float]:
+    @override
+    def figures(self, totals: LinkTotals, server: ServerView | None) -> dict[str, float]:
         n = max(totals.batches, 1)
         figures = {"time/batch_s": totals.wall_s / n}
         if server is not None:
@@ -122,4 +96,4 @@ class PipelineTimingMonitor(Callback):
                 "time/wait_server_s": wait_server / n,
                 "time/bubble": (wait_client + wait_server) / pipeline if pipeline > 0 else float("nan"),
             })
-        return {k + suffix: float(v) for k, v in figures.items()}
+        return figures

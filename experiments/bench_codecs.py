@@ -21,7 +21,7 @@ standard deviation, n, and the paired difference to ``none`` (same seeds) with i
 bench cut short keeps the seeds it finished. ``--only`` / ``--skip`` pick rows, so rows can run in parallel
 processes; ``--merge`` then joins their JSON files into one paired table.
 
-The codecs run unsplit (same modules as the split run); bytes are :func:`splitlit.wire.analytic_link_bytes`,
+The codecs run unsplit (same modules as the split run); bytes are :func:`splitlit.traffic.analytic_link_bytes`,
 which the two-rank tests prove equal to what the transport sends. Time: on 2 CPU cores a run of ``--train
 2000 --epochs 2`` takes about 1.5 minutes (none) to 3 minutes (a codec, with its calibration) when the
 machine is otherwise idle; the test suite runs a 2-seed tiny version (``tests/test_bench_codecs.py``).
@@ -39,10 +39,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from experiments.cifar10_mobilenet import IMAGENET_MEAN, IMAGENET_STD, LocalCIFAR10, MobileNetV2Classifier
+from experiments.cifar10_mobilenet import (IMAGENET_MEAN, IMAGENET_STD, REPORT_ROWS, LocalCIFAR10, MobileNetV2Classifier,
+                                          report_codecs)
 from experiments.stats import format_difference, format_mean, over_seeds, paired_seeds_argument
-from splitlit.codecs import REPORT_CODECS, calibrate, report_codecs
-from splitlit.wire import analytic_link_bytes
+from splitlit.calibration import calibrate
+from splitlit.traffic import analytic_link_bytes
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -158,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     seeds.add_argument("--seeds", type=paired_seeds_argument, default=None,
                        help="two or more seeds, e.g. 0-4 or 0,1,2: every row runs each, and prints mean ± std and "
                             "the paired difference to none with its 95%% interval")
-    p.add_argument("--only", nargs="*", default=None, choices=sorted(REPORT_CODECS), help="codec rows to run")
+    p.add_argument("--only", nargs="*", default=None, choices=sorted(REPORT_ROWS), help="codec rows to run")
     p.add_argument("--skip", nargs="*", default=(), help="labels of runs to leave out, e.g. fresh")
     p.add_argument("--default-only", action="store_true",
                    help="only each codec's default initialisation (CodecCalibration's adaptation) beside none")

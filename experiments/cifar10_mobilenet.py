@@ -9,6 +9,7 @@ classifier (tail); the server runs that block's ReLU6 and ``features[1:]`` (body
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchmetrics.classification import MulticlassAccuracy
@@ -25,7 +27,7 @@ from torchvision.transforms import v2
 
 from splitlit import Split
 
-__all__ = ["CIFAR10DataModule", "LocalCIFAR10", "MobileNetV2Classifier", "main"]
+__all__ = ["REPORT_ROWS", "CIFAR10DataModule", "LocalCIFAR10", "MobileNetV2Classifier", "main", "report_codecs"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -201,6 +203,28 @@ class MobileNetV2Classifier(L.LightningModule):
         if codec_params:
             groups.append({"params": codec_params, "lr": hp.lr / 10 if hp.codec_lr is None else hp.codec_lr})
         return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+
+
+# The report's rows, one preset each: configs/cifar10_<row>_c1.yaml (and _c4, _c8, which differ in chunks only).
+_PRESETS = Path(__file__).parent / "configs"
+REPORT_ROWS = tuple(sorted(p.stem[len("cifar10_"):-len("_c1")] for p in _PRESETS.glob("cifar10_*_c1.yaml")))
+
+
+def report_codecs(row: str, **overrides: Any) -> tuple[nn.Module | None, nn.Module | None]:
+    """The (up, down) codecs of one of the report's rows (:data:`REPORT_ROWS`: ``none``, ``convinsert097``,
+    ``convinsert070``, ``poweriter3_7``), built as the row's preset builds them; ``overrides`` (e.g.
+    ``iters=2``) go to both codecs."""
+    if row not in REPORT_ROWS:
+        raise ValueError(f"Unknown report codec {row!r}; choose one of {sorted(REPORT_ROWS)}.")
+    model = yaml.safe_load((_PRESETS / f"cifar10_{row}_c1.yaml").read_text()).get("model") or {}
+    return _codec(model.get("up_codec"), overrides), _codec(model.get("down_codec"), overrides)
+
+
+def _codec(spec: dict[str, Any] | None, overrides: dict[str, Any]) -> nn.Module | None:
+    if spec is None:
+        return None
+    module, name = spec["class_path"].rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)(**{**(spec.get("init_args") or {}), **overrides})
 
 
 def main(args: list[str] | None = None) -> None:

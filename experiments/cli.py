@@ -42,12 +42,12 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from typing_extensions import override
 
 from callbacks import BestMetric, LinkTrafficMonitor, PipelineTimingMonitor
+from splitlit.link import LINK_ENV
 
 __all__ = ["CONFIG_DIR", "LINK_ENV", "RUN_FILE", "RunSettings", "SplitCLI", "run_cli", "wandb_mode"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-LINK_ENV = "SPLITLIT_LINK_JSON"
 RUN_FILE = "run.json"
 _RUN_NAME_ENV = "SPLITLIT_RUN_NAME"  # rank 0 hands its run name to the rank Lightning launches
 _WANDB_MODES = ("auto", "online", "offline", "disabled")

@@ -154,6 +154,7 @@ class CoLADataModule(L.LightningDataModule):
             raise ValueError(f"CoLADataModule(padding={padding!r}): choose one of {PADDINGS}.")
         self.save_hyperparameters()
         self.tokenizer: Any = None
+        self._pad: Any = None  # transformers' DataCollatorWithPadding, made in setup with the tokenizer
         self.train_set: Any = None
         self.dev_set: Any = None
 
@@ -174,8 +175,14 @@ class CoLADataModule(L.LightningDataModule):
                 for ids, mask, label in zip(enc["input_ids"], enc["attention_mask"], labels)]
 
     def setup(self, stage: str) -> None:
+        from transformers import DataCollatorWithPadding
+
         if self.tokenizer is None:
             self.tokenizer = _load_tokenizer(self.hparams.tokenizer)
+        longest = self.hparams.padding == "longest"
+        self._pad = DataCollatorWithPadding(self.tokenizer, padding=True if longest else "max_length",
+                                            max_length=None if longest else self.hparams.max_length,
+                                            pad_to_multiple_of=PAD_MULTIPLE if longest else None, return_tensors="pt")
         raw = self._raw()
         self.dev_set = self._encode(*raw["dev"])
         if stage == "fit":
@@ -185,14 +192,7 @@ class CoLADataModule(L.LightningDataModule):
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad to the batch's longest sentence rounded up to a multiple of 8, or to ``max_length``."""
-        features = [{"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]} for r in rows]
-        if self.hparams.padding == "max_length":
-            padded = self.tokenizer.pad(features, padding="max_length", max_length=self.hparams.max_length,
-                                        return_tensors="pt")
-        else:
-            padded = self.tokenizer.pad(features, padding=True, pad_to_multiple_of=PAD_MULTIPLE, return_tensors="pt")
-        return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"],
-                "labels": torch.tensor([r["labels"] for r in rows], dtype=torch.long)}
+        return dict(self._pad(rows))  # a plain dict, not transformers' BatchEncoding
 
     def _loader(self, data: Any, batch_size: int, generator: torch.Generator | None = None) -> DataLoader:
         workers = self.hparams.num_workers

@@ -296,6 +296,9 @@ class CoLAClassifier(L.LightningModule):
         warmup = int(math.ceil(hp.warmup_ratio * total))
         linear = hp.schedule == "linear"
 
+        # Not transformers' get_linear_schedule_with_warmup / get_constant_schedule_with_warmup: theirs warm up as
+        # step / warmup, so the first step runs at lr 0; this one as (step + 1) / (warmup + 1). After the warm-up
+        # (and without one) the two agree.
         def factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / (warmup + 1)

@@ -10,28 +10,19 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _WHERE = {
-    "Codec": "splitlit.codecs",
-    "ConvInsert": "splitlit.codecs",
-    "PowerIteration": "splitlit.codecs",
-    "make_codec": "splitlit.codecs",
-    "PeerLostError": "splitlit.pipeline",
-    "SplitPipeline": "splitlit.pipeline",
     "Split": "splitlit.split",
     "SplitError": "splitlit.split",
-    "LinkMeter": "splitlit.stage",
-    "MeteredStage": "splitlit.stage",
-    "Transfer": "splitlit.stage",
     "SplitPipelineStrategy": "splitlit.strategy",
+    "PeerLostError": "splitlit.pipeline",
 }
 
-__all__ = ["Codec", "ConvInsert", "LinkMeter", "MeteredStage", "PeerLostError", "PowerIteration", "Split", "SplitError",
-           "SplitPipeline", "SplitPipelineStrategy", "Transfer", "make_codec"]
+# The names users import. The rest lives in its module: splitlit.codecs (PowerIteration, ConvInsert),
+# splitlit.wire (wire codecs), splitlit.meter / splitlit.traffic (link records and sums), splitlit.pipeline.
+__all__ = ["PeerLostError", "Split", "SplitError", "SplitPipelineStrategy"]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from splitlit.codecs import Codec, ConvInsert, PowerIteration, make_codec
-    from splitlit.pipeline import PeerLostError, SplitPipeline
+    from splitlit.pipeline import PeerLostError
     from splitlit.split import Split, SplitError
-    from splitlit.stage import LinkMeter, MeteredStage, Transfer
     from splitlit.strategy import SplitPipelineStrategy
 
 

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from splitlit.meter import LinkMeter
 from splitlit.schedule import USchedule
 from splitlit.split import CLIENT_RANK, SERVER_RANK, Split
-from splitlit.stage import LinkMeter, MeteredStage
+from splitlit.stage import MeteredStage
 from splitlit.transport import Ledger
 from splitlit.wire import WirePlan
 

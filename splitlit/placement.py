@@ -116,5 +116,12 @@ def _disable_metric_sync(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, Metric):
             m.sync_on_compute = False
-            m._to_sync = False  # torchmetrics copies sync_on_compute here at construction
             m.dist_sync_on_step = False
+            # torchmetrics copied sync_on_compute at construction; its public distributed_available_fn (asked before
+            # every sync) stops the syncs that copy would still ask for.
+            m.distributed_available_fn = _no_peer
+
+
+def _no_peer() -> bool:
+    """A client's metric has no peer to sync with (a function, not a lambda: metrics stay picklable)."""
+    return False

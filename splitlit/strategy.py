@@ -52,9 +52,9 @@ from splitlit.pipeline import PeerLostError, SplitPipeline, link_errors
 from splitlit.placement import (_disable_metric_sync, _keep_data_off_server, _keep_own_params, _meta_limitation,
                                 _owned_tensors, _split_of, _tensor_names, _to_meta_except)
 from splitlit.resume import ResumableLoader, ServerBatches, rng_state, seed_rank_apart, set_rng_state
+from splitlit.meter import LinkMeter
 from splitlit.schedule import ORDERS
 from splitlit.split import CLIENT_RANK, SERVER_RANK, Split, SplitError
-from splitlit.stage import LinkMeter
 from splitlit.transport import Channel, Ledger, authenticate, resolve_secret
 from splitlit.wire import WirePlan
 

@@ -14,7 +14,7 @@ kind ``activation`` (forward) or ``gradient`` (backward). Values: a name from :d
 ``{name: ..., <option>: ...}``, or a :class:`WireCodec`. Only floating-point tensors are encoded (an int64
 attention mask travels as it is). Every encoding has a fixed size for a given shape, so the receiver allocates
 its wire buffers from the shape it expects, and :meth:`WireCodec.nbytes` is exactly what the
-:class:`~splitlit.stage.LinkMeter` records.
+:class:`~splitlit.meter.LinkMeter` records.
 """
 
 from __future__ import annotations
@@ -28,21 +28,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = [
-    "CUTS",
-    "KINDS",
-    "WIRE_CODECS",
-    "Cast",
-    "Int8",
-    "TopK",
-    "WireCodec",
-    "WireEndpoint",
-    "WirePlan",
-    "analytic_link_bytes",
-    "compress_rates",
-    "link_bytes",
-    "make_wire_codec",
-]
+from splitlit.checks import check_count
+
+# What users configure; CUTS, KINDS and WireEndpoint serve the stage and splitlit.traffic.
+__all__ = ["WIRE_CODECS", "Cast", "Int8", "TopK", "WireCodec", "WirePlan", "make_wire_codec"]
 
 CUTS = ("up", "down")
 KINDS = ("activation", "gradient")
@@ -110,8 +99,7 @@ class Int8(WireCodec):
     def __init__(self, granularity: str = "channel", block_size: int = 64) -> None:
         if granularity not in ("channel", "block"):
             raise ValueError(f"Int8(granularity={granularity!r}): choose 'channel' or 'block'.")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"Int8(block_size={block_size!r}): give a positive integer, e.g. 64.")
+        check_count("Int8", "block_size", block_size, fix="give a positive integer, e.g. 64.")
         self.granularity, self.block_size = granularity, block_size
         self.name = "int8" if granularity == "channel" else f"int8-block{block_size}"
 
@@ -295,48 +283,3 @@ class WireEndpoint:
         """Fill the stage's receive buffers of micro-batch ``chunk`` from what arrived (after the recv completed)."""
         for target, codec, parts in self._pending.pop((kind, chunk), []):
             target.copy_(codec.decode(parts, tuple(target.shape), target.dtype))
-
-
-# -- compression rates: measured and analytic --------------------------------------------------------------------
-def link_bytes(transfers: Any, *, role: str = "sent") -> dict[str, int]:
-    """Bytes per ``"<cut>.<kind>"``, per cut, and ``"total"`` from a :class:`~splitlit.stage.LinkMeter` (or its
-    transfers), counting one side (``role="sent"``) so that each tensor counts once per rank."""
-    items = getattr(transfers, "transfers", transfers)
-    out: dict[str, int] = {f"{c}.{k}": 0 for c in CUTS for k in KINDS}
-    for t in items:
-        if t.role == role:
-            out[f"{t.cut}.{t.kind}"] += t.nbytes
-    for c in CUTS:
-        out[c] = out[f"{c}.activation"] + out[f"{c}.gradient"]
-    out["total"] = out["up"] + out["down"]
-    return out
-
-
-def compress_rates(with_codec: Mapping[str, int], without: Mapping[str, int]) -> dict[str, float]:
-    """Bytes with the codec / bytes without it, for each key of :func:`link_bytes` (nan where nothing was sent)."""
-    return {k: (with_codec[k] / without[k] if without.get(k) else float("nan")) for k in with_codec}
-
-
-def analytic_link_bytes(up_shape: tuple[int, ...], down_shape: tuple[int, ...], *, chunks: int = 1,
-                        up: Any = None, down: Any = None, wire: WirePlan | Mapping[str, Any] | None = None,
-                        dtype: torch.dtype = torch.float32, train: bool = True) -> dict[str, int]:
-    """What one batch sends over each cut, computed from shapes, keyed like :func:`link_bytes`.
-
-    ``up_shape``/``down_shape`` are the activations at the cuts for the whole batch (e.g. [64, 32, 112, 112] and
-    [64, 1280, 7, 7]); ``up``/``down`` the model codecs (:class:`~splitlit.codecs.Codec`) and ``wire`` the wire
-    plan. Each of the ``chunks`` micro-batches sends its parts forward and (``train``) their gradients back.
-    """
-    plan = WirePlan.parse(wire)
-    out: dict[str, int] = {}
-    for cut, shape, codec in (("up", up_shape, up), ("down", down_shape, down)):
-        if shape[0] % chunks:
-            raise ValueError(f"analytic_link_bytes: batch {shape[0]} is not a multiple of chunks={chunks}.")
-        micro = (shape[0] // chunks, *shape[1:])
-        parts = codec.payload_shapes(micro) if codec is not None else [micro]
-        for kind in KINDS:
-            w = plan.get(cut, kind) or WireCodec()
-            per_micro = sum(w.nbytes(p, dtype) for p in parts)
-            out[f"{cut}.{kind}"] = per_micro * chunks if (train or kind == "activation") else 0
-        out[cut] = out[f"{cut}.activation"] + out[f"{cut}.gradient"]
-    out["total"] = out["up"] + out["down"]
-    return out

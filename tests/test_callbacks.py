@@ -16,10 +16,10 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import callbacks.pipeline_timing_monitor as timing_module
-import splitlit.stage as stage_module
+import splitlit.meter as meter_module
 from callbacks import BestMetric, LinkTrafficMonitor, PipelineTimingMonitor
-from callbacks._link_records import summarize
-from splitlit.stage import Compute, LinkMeter
+from splitlit.meter import Compute, LinkMeter
+from splitlit.traffic import summarize
 
 MB = 1e6
 
@@ -85,12 +85,12 @@ def record(meter: LinkMeter, clock: list, *, nbytes_dtype: tuple[int, torch.dtyp
            mb: int, posted: float, done: float) -> None:
     """Hand one real tensor of ``nbytes`` to the meter at time ``posted``; it completes at ``done``."""
     numel, dtype = nbytes_dtype
-    stage_module.time = SimpleNamespace(perf_counter=lambda: posted)  # type: ignore[assignment]
+    meter_module.time = SimpleNamespace(perf_counter=lambda: posted)  # type: ignore[assignment]
     try:
         meter.record([SimpleNamespace(tensor=torch.zeros(numel, dtype=dtype))], cut=cut, kind=kind, role=role,
                      microbatch=mb)
     finally:
-        stage_module.time = clock[0]
+        meter_module.time = clock[0]
     meter.transfers[-1].done.append(done)
 
 
@@ -140,9 +140,9 @@ SERVER_SPAN = 0.0105 + 0.045 - 0.0005  # 0.0550: first posting 0.0005, last comp
 
 @pytest.fixture
 def clock(monkeypatch):
-    """Keeps the real ``time`` module of splitlit.stage to restore it after each fake posting."""
-    monkeypatch.setattr(stage_module, "time", stage_module.time)
-    return [stage_module.time]
+    """Keeps the real ``time`` module of splitlit.meter to restore it after each fake posting."""
+    monkeypatch.setattr(meter_module, "time", meter_module.time)
+    return [meter_module.time]
 
 
 def run_batch(cb, trainer: FakeTrainer, fill, clock) -> None:
@@ -179,7 +179,7 @@ def test_summarize_counts_exact_bytes_microbatches_and_times(clock):
     meter = LinkMeter()
     client_batch(meter, clock)
     batch = summarize(meter.transfers, meter.computes)
-    assert batch.flows == {"up_activation": 2000, "up_gradient": 2000, "down_activation": 800, "down_gradient": 800}
+    assert batch.flows == {"up.activation": 2000, "up.gradient": 2000, "down.activation": 800, "down.gradient": 800}
     assert batch.microbatches == 2
     assert batch.compute_s == pytest.approx(CLIENT_COMPUTE, abs=1e-12)
     assert batch.pipeline_s == pytest.approx(CLIENT_SPAN, abs=1e-12)

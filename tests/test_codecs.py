@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from callbacks import CodecCalibration
+from experiments.cifar10_mobilenet import report_codecs
 from splitlit import Split
-from splitlit.codecs import ConvInsert, PowerIteration, calibrate, make_codec, report_codecs
+from splitlit.calibration import calibrate
+from splitlit.codecs import ConvInsert, PowerIteration, make_codec
 from tests.twoproc import REPO, SHARED_DATA, run_fit_script
 
 UP_224, DOWN_224 = (64, 32, 112, 112), (64, 1280, 7, 7)  # the report's cuts: MobileNetV2 at 224, batch 64

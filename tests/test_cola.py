@@ -20,7 +20,8 @@ from experiments.cli import CONFIG_DIR
 from experiments.cola_data import CoLADataModule, CoLAFormatError, read_glue_cola_tsv
 from experiments.cola_roberta import CoLAClassifier, MatthewsCorrCoef, main
 from splitlit import SplitPipelineStrategy
-from splitlit.codecs import PowerIteration, calibrate
+from splitlit.calibration import calibrate
+from splitlit.codecs import PowerIteration
 from tests.twoproc import REPO, SHARED_DATA, run_fit_script
 
 TOKENIZER = str(SHARED_DATA / "roberta-base-tokenizer")

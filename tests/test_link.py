@@ -209,24 +209,6 @@ def test_probe_measures_a_stalled_direction_again_and_keeps_the_best(monkeypatch
         shaped.probe(tries=0)
 
 
-@pytest.mark.parametrize("order", ["1f1b", "gpipe", None])
-def test_receives_are_posted_before_the_sends_they_would_queue_behind(order):
-    """No receive follows a send directly, and the receives and the sends each keep their order (gloo matches so)."""
-    from torch.distributed.pipelining.schedules import _add_send_recv, _ComputationType as C
-
-    from splitlit.schedule import _receives_first, u_order
-
-    lowered = _add_send_recv(u_order(order, 4), stage_to_rank={0: 0, 1: 1, 2: 0}.__getitem__, num_stages=3)
-    for actions in lowered.values():
-        moved = _receives_first(actions)
-        kinds = [a.computation_type for a in moved]
-        assert sorted(map(str, moved)) == sorted(map(str, actions))
-        for comm in ((C.RECV_F, C.RECV_B), (C.SEND_F, C.SEND_B)):
-            kept = [a for a in moved if a.computation_type in comm]
-            assert kept == [a for a in actions if a.computation_type in comm]
-        assert not any(k in (C.RECV_F, C.RECV_B) and p in (C.SEND_F, C.SEND_B) for p, k in zip(kinds, kinds[1:]))
-
-
 def test_the_bound_of_a_batch_is_the_busiest_stage_plus_fill_plus_four_delays():
     """chunks 1: every stage in turn; many chunks: the busiest stage; both plus four one-way delays."""
     from experiments.bench_link import WIRE_PER_PAYLOAD, batch_bound, parse_delay_list

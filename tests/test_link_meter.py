@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import splitlit.stage as stage_module
-from splitlit.stage import Compute, LinkMeter
+import splitlit.meter as meter_module
+from splitlit.meter import Compute, LinkMeter
 
 
 def _op(numel: int, peer: int = 1) -> SimpleNamespace:
@@ -63,7 +63,7 @@ def test_transfers_are_timed_by_one_watcher_per_direction(monkeypatch):
         works.extend(_Work(0.002 * len(works)) for _ in ops)
         return works[-len(ops):]
 
-    monkeypatch.setattr(stage_module, "_batch_p2p", post)
+    monkeypatch.setattr(meter_module, "_batch_p2p", post)
     meter = LinkMeter()
     threads_before = threading.active_count()
     posted = []
@@ -71,22 +71,22 @@ def test_transfers_are_timed_by_one_watcher_per_direction(monkeypatch):
         for role in ("sent", "received"):
             ops = [_op(8)]
             meter.record(ops, cut="up", kind="activation", role=role, microbatch=mb)
-            posted.append(stage_module._watched_batch_p2p(ops))
+            posted.append(meter_module._watched_batch_p2p(ops))
     assert threading.active_count() - threads_before <= 2
     for batch in posted:
-        stage_module._watched_wait_batch_p2p(batch)
+        meter_module._watched_wait_batch_p2p(batch)
     assert all(w.waits == 1 for w in works)
     assert all(t.done and t.seconds >= 0 for t in meter.transfers)
-    assert not stage_module._WAITERS and not stage_module._WATCHED  # nothing kept once waited on
+    assert not meter_module._WAITERS and not meter_module._WATCHED  # nothing kept once waited on
 
 
 def test_a_failed_transfer_raises_in_the_runtimes_wait(monkeypatch):
     """An error inside the watcher's wait reaches the pipeline runtime, which turns it into PeerLostError."""
-    monkeypatch.setattr(stage_module, "_batch_p2p", lambda ops, desc=None: [_Work(0.0, RuntimeError("gloo: peer"))])
+    monkeypatch.setattr(meter_module, "_batch_p2p", lambda ops, desc=None: [_Work(0.0, RuntimeError("gloo: peer"))])
     meter = LinkMeter()
     ops = [_op(8)]
     meter.record(ops, cut="down", kind="gradient", role="received", microbatch=0)
-    works = stage_module._watched_batch_p2p(ops)
+    works = meter_module._watched_batch_p2p(ops)
     with pytest.raises(RuntimeError, match="gloo: peer"):
-        stage_module._watched_wait_batch_p2p(works)
+        meter_module._watched_wait_batch_p2p(works)
     assert meter.transfers[0].seconds is None

@@ -9,17 +9,15 @@ import torch
 import torch.distributed as dist
 
 from splitlit import SplitPipelineStrategy
-from splitlit.codecs import report_codecs
-from splitlit.stage import LinkMeter
+from splitlit.codecs import PowerIteration
+from splitlit.meter import LinkMeter
+from splitlit.traffic import analytic_link_bytes, compress_rates, link_bytes
 from splitlit.wire import (
     Cast,
     Int8,
     TopK,
     WireEndpoint,
     WirePlan,
-    analytic_link_bytes,
-    compress_rates,
-    link_bytes,
     make_wire_codec,
 )
 
@@ -160,7 +158,7 @@ def test_make_wire_codec_names():
 
 def test_analytic_rate_of_poweriter_3_7_with_and_without_a_wire_codec():
     """Poweriter(3,7) at 224/batch 64 is 0.101 in every flow-total; fp16 on top halves it; chunks do not change it."""
-    up, down = report_codecs("poweriter3_7")
+    up, down = PowerIteration(rank=3), PowerIteration(rank=7)  # the report's row poweriter3_7
     shapes = (64, 32, 112, 112), (64, 1280, 7, 7)
     base = analytic_link_bytes(*shapes)
     for chunks in (1, 4, 8):

@@ -1,6 +1,6 @@
 """Run two-rank jobs from tests: subprocesses, a free port, a hard timeout, never a hang.
 
-    result = run_fit_script("tests/scripts/fit_toy.py", ["--chunks", "4"], timeout=120)
+    result = run_fit_script(REPO / "tests/scripts/toy.py", ["--out", str(tmp_path), "--chunks", "4"], timeout=120)
     assert result.returncode == 0, result.output
 """
 

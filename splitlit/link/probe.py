@@ -15,6 +15,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from splitlit.checks import check_count
 from splitlit.link.errors import LinkError
 from splitlit.link.netns import in_netns
 
@@ -57,8 +58,7 @@ def probe_rates(link: ShapedLink, seconds: float = 1.0, tries: int = 3) -> dict[
     streams, and the best is kept (a stall only ever lowers the rate; the shaper caps it). Each direction is
     measured at its own nominal rate (``--up`` / ``--down``).
     """
-    if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
-        raise ValueError(f"probe(tries={tries!r}): give at least 1 try.")
+    check_count("probe", "tries", tries, fix="give at least 1 try.")
     rates: dict[str, float] = {}
     for direction, (sender, receiver) in (("up", ("client", "server")), ("down", ("server", "client"))):
         nominal = link.spec.rate(direction)

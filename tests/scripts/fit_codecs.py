@@ -28,7 +28,7 @@ from callbacks.codec_calibration import CodecCalibration  # noqa: E402
 from experiments.cifar10_mobilenet import LocalCIFAR10  # noqa: E402
 from splitlit import Split, SplitPipelineStrategy  # noqa: E402
 from splitlit.codecs import ConvInsert, PowerIteration  # noqa: E402
-from splitlit.wire import analytic_link_bytes  # noqa: E402
+from splitlit.traffic import analytic_link_bytes  # noqa: E402
 
 BATCH, CHUNKS, TRAIN_BATCHES, VAL_BATCHES = 8, 2, 2, 1
 UP_SHAPE, DOWN_SHAPE = (BATCH, 8, 16, 16), (BATCH, 16, 4, 4)  # the cuts for 32x32 inputs

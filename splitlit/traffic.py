@@ -1,37 +1,83 @@
-"""What the measurement callbacks share: one batch's link records summed up, the server's share, the run summary.
+"""Link records added up: bytes per flow, compression rates, analytic sizes, and the windows the monitors report.
 
-A :class:`~splitlit.stage.LinkMeter` holds the raw records of one rank: every tensor handed to the transport
-(:class:`~splitlit.stage.Transfer`) and every stage computation (:class:`~splitlit.stage.Compute`).
-:func:`summarize` turns one training batch's records into a :class:`BatchLink`; :class:`LinkTotals` adds batches
-up over a window (a batch, an epoch, the run); :func:`from_server` hands the server's totals to the client in
-one small collective, which both ranks must call at the same point.
+A :class:`~splitlit.meter.LinkMeter` holds the raw records of one rank. Here they become figures:
+
+- :func:`link_bytes` sums one side's bytes per flow, per cut and in total; :func:`analytic_link_bytes` computes
+  the same from shapes; :func:`compress_rates` divides one by the other.
+- :func:`summarize` turns one training batch's records into a :class:`BatchLink`; :class:`LinkTotals` adds
+  batches up over a window, :class:`LinkWindows` keeps the three windows the monitors report (batch, epoch,
+  run); :func:`from_server` hands the server's totals to the client in one small collective, which both ranks
+  must call at the same point.
+
+A flow is named ``"<cut>.<kind>"`` (:data:`FLOWS`), as in the strategy's ``wire=`` option.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Trainer
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-__all__ = ["FLOWS", "SUMMARY_FILE", "BatchLink", "LinkTotals", "LinkWindows", "ServerView", "from_server",
-           "link_meter", "summarize", "write_run_summary"]
+from splitlit.wire import CUTS, KINDS, WireCodec, WirePlan
 
-FLOWS = ("up_activation", "up_gradient", "down_activation", "down_gradient")
-SUMMARY_FILE = "summary.json"
+__all__ = ["FLOWS", "BatchLink", "LinkTotals", "LinkWindows", "ServerView", "analytic_link_bytes", "compress_rates",
+           "from_server", "link_bytes", "summarize"]
+
+FLOWS = tuple(f"{cut}.{kind}" for cut in CUTS for kind in KINDS)  # up.activation, up.gradient, down.activation, ...
+
+
+def link_bytes(transfers: Any, *, role: str = "sent") -> dict[str, int]:
+    """Bytes per ``"<cut>.<kind>"``, per cut, and ``"total"`` from a :class:`~splitlit.meter.LinkMeter` (or its
+    transfers), counting one side (``role="sent"``) so that each tensor counts once per rank."""
+    items = getattr(transfers, "transfers", transfers)
+    out: dict[str, int] = dict.fromkeys(FLOWS, 0)
+    for t in items:
+        if t.role == role:
+            out[f"{t.cut}.{t.kind}"] += t.nbytes
+    for c in CUTS:
+        out[c] = out[f"{c}.activation"] + out[f"{c}.gradient"]
+    out["total"] = out["up"] + out["down"]
+    return out
+
+
+def compress_rates(with_codec: Mapping[str, int], without: Mapping[str, int]) -> dict[str, float]:
+    """Bytes with the codec / bytes without it, for each key of :func:`link_bytes` (nan where nothing was sent)."""
+    return {k: (with_codec[k] / without[k] if without.get(k) else float("nan")) for k in with_codec}
+
+
+def analytic_link_bytes(up_shape: tuple[int, ...], down_shape: tuple[int, ...], *, chunks: int = 1,
+                        up: Any = None, down: Any = None, wire: WirePlan | Mapping[str, Any] | None = None,
+                        dtype: torch.dtype = torch.float32, train: bool = True) -> dict[str, int]:
+    """What one batch sends over each cut, computed from shapes, keyed like :func:`link_bytes`.
+
+    ``up_shape``/``down_shape`` are the activations at the cuts for the whole batch (e.g. [64, 32, 112, 112] and
+    [64, 1280, 7, 7]); ``up``/``down`` the model codecs (:class:`~splitlit.codecs.Codec`) and ``wire`` the wire
+    plan. Each of the ``chunks`` micro-batches sends its parts forward and (``train``) their gradients back.
+    """
+    plan = WirePlan.parse(wire)
+    out: dict[str, int] = {}
+    for cut, shape, codec in (("up", up_shape, up), ("down", down_shape, down)):
+        if shape[0] % chunks:
+            raise ValueError(f"analytic_link_bytes: batch {shape[0]} is not a multiple of chunks={chunks}.")
+        micro = (shape[0] // chunks, *shape[1:])
+        parts = codec.payload_shapes(micro) if codec is not None else [micro]
+        for kind in KINDS:
+            w = plan.get(cut, kind) or WireCodec()
+            per_micro = sum(w.nbytes(p, dtype) for p in parts)
+            out[f"{cut}.{kind}"] = per_micro * chunks if (train or kind == "activation") else 0
+        out[cut] = out[f"{cut}.activation"] + out[f"{cut}.gradient"]
+    out["total"] = out["up"] + out["down"]
+    return out
 
 
 @dataclass(frozen=True)
 class BatchLink:
     """One training batch on one rank.
 
-    ``flows``: bytes per flow (``"<cut>_<kind>"``); each rank sees all four flows, every tensor once (as sent
+    ``flows``: bytes per flow (``"<cut>.<kind>"``); each rank sees all four flows, every tensor once (as sent
     or as received). ``compute_s``: the sum of this rank's stage computations (forward and backward, no waiting).
     ``pipeline_s``: from the first record of the batch (a computation starting or a transfer being posted) to
     the last (a computation ending or a transfer completing). ``peak_*_Bps``: the largest ``nbytes / seconds``
@@ -47,13 +93,13 @@ class BatchLink:
 
 
 def summarize(transfers: Iterable[Any], computes: Iterable[Any]) -> BatchLink:
-    """Sum up one batch's :class:`~splitlit.stage.Transfer` and :class:`~splitlit.stage.Compute` records."""
+    """Sum up one batch's :class:`~splitlit.meter.Transfer` and :class:`~splitlit.meter.Compute` records."""
     flows = dict.fromkeys(FLOWS, 0)
     peak = {"sent": 0.0, "received": 0.0}
     first, last = math.inf, -math.inf
     microbatches: set[int] = set()
     for t in transfers:
-        flows[f"{t.cut}_{t.kind}"] += t.nbytes
+        flows[f"{t.cut}.{t.kind}"] += t.nbytes
         microbatches.add(t.microbatch)
         first, last = min(first, t.posted), max(last, t.posted)
         seconds = t.seconds
@@ -152,24 +198,3 @@ def from_server(strategy: Any, windows: Sequence[LinkTotals]) -> list[ServerView
         return None
     server = rows[1].tolist()
     return [ServerView(*server[i:i + 3]) for i in range(0, len(server), 3)]
-
-
-def link_meter(trainer: Trainer) -> Any:
-    """The strategy's :class:`~splitlit.stage.LinkMeter`, or None when the model is not split."""
-    return getattr(trainer.strategy, "meter", None)
-
-
-def write_run_summary(trainer: Trainer, values: dict[str, float]) -> None:
-    """Put ``values`` in the run summary: W&B's ``run.summary`` and ``summary.json`` in each CSVLogger's folder."""
-    if not trainer.is_global_zero or not values:
-        return
-    values = {k: float(v) for k, v in values.items()}
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.experiment.summary.update(values)
-        elif isinstance(logger, CSVLogger):
-            path = Path(logger.log_dir) / SUMMARY_FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
-            summary = json.loads(path.read_text()) if path.is_file() else {}
-            summary.update(values)
-            path.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
