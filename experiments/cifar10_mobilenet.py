@@ -25,6 +25,8 @@ from torchvision import models
 from torchvision.datasets import CIFAR10
 from torchvision.transforms import v2
 
+from experiments.partition import client_shard
+from experiments.partition import check as partition_check
 from splitlit import Split
 
 __all__ = ["REPORT_ROWS", "CIFAR10DataModule", "LocalCIFAR10", "MobileNetV2Classifier", "main", "report_codecs"]
@@ -57,15 +59,23 @@ class CIFAR10DataModule(L.LightningDataModule):
             prefix is balanced); None for all. Validation is the 10,000-image test set.
         num_workers: DataLoader workers.
         download: allow torchvision to download when ``data_dir`` has no copy.
+        partition: with many clients (``SplitPipelineStrategy(clients=N)``), how the training set is split among
+            them: ``"iid"`` or ``"dirichlet"`` (label skew, see :mod:`experiments.partition`); each client builds
+            only its own shard. None: every client trains on all of ``data_dir`` (a client with its own folder).
+        alpha: the Dirichlet concentration (``partition="dirichlet"``).
+        partition_seed: the partition's seed; the same on every client.
     """
 
     def __init__(self, data_dir: str = "data/cifar10", batch_size: int = 64, image_size: int = 224,
                  train_subset: int | None = None, val_subset: int | None = None, num_workers: int = 0,
-                 download: bool = True) -> None:
+                 download: bool = True, partition: str | None = None, alpha: float = 0.5,
+                 partition_seed: int = 0) -> None:
         super().__init__()
         if batch_size < 1 or image_size < 32:
             raise ValueError(f"CIFAR10DataModule: batch_size={batch_size} must be >= 1 and "
                              f"image_size={image_size} >= 32.")
+        if partition is not None:
+            partition_check(partition, alpha)
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.train_set = self.val_set = None
@@ -98,7 +108,22 @@ class CIFAR10DataModule(L.LightningDataModule):
         subset = lambda ds, n: Subset(ds, range(min(n, len(ds)))) if n else ds  # noqa: E731
         if stage == "fit":
             self.train_set = subset(self._dataset(train=True), self.hparams.train_subset)
+            self.train_set = self._own_shard(self.train_set)
         self.val_set = subset(self._dataset(train=False), self.hparams.val_subset)
+
+    def _own_shard(self, dataset: Any) -> Any:
+        """Many clients: this client's shard of the training set (the same partition on every client)."""
+        strategy = self.trainer.strategy if self.trainer is not None else None
+        clients = getattr(strategy, "clients", 1)
+        if clients == 1 or self.hparams.partition is None:
+            return dataset
+        base = dataset.dataset if isinstance(dataset, Subset) else dataset
+        indices = list(dataset.indices) if isinstance(dataset, Subset) else list(range(len(dataset)))
+        labels = [base.targets[i] for i in indices]
+        mine = client_shard(labels, client=strategy.global_rank, clients=clients, scheme=self.hparams.partition,
+                            alpha=self.hparams.alpha, seed=self.hparams.partition_seed,
+                            batch_size=self.hparams.batch_size)
+        return Subset(base, [indices[i] for i in mine])
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,

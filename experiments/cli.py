@@ -105,6 +105,10 @@ class SplitCLI(LightningCLI):
                              f"two checkpoints (e.g. 10), or null for one at each epoch end only.")
         # 1. What the run is: the values every logger and table needs, decided once here.
         self.run_config = self._describe_run(settings, config)
+        # 1b. Many clients: one process per client and one for the server on this machine, unless told otherwise.
+        clients = self.run_config["clients"]
+        if clients > 1 and config.get("num_nodes") in (None, 1):
+            kwargs["devices"] = clients + 1  # any other count could only fail: the world must be clients + 1
         # 2. Loggers, unless the user chose them (explicit classes) or turned them off (false).
         if config.get("logger") in (None, True) and "logger" not in kwargs:
             kwargs["logger"] = _default_loggers(settings, self.run_config, config.get("default_root_dir") or "runs")
@@ -130,7 +134,10 @@ class SplitCLI(LightningCLI):
         presets = [Path(str(p)).stem for p in (self._get(self.config, "config") or [])]
         preset = "+".join(presets) or self.experiment
         max_epochs = trainer_config.get("max_epochs")
-        name = _run_name(settings.name, f"{preset}-{codec}-c{chunks or 'unsplit'}-e{max_epochs}")
+        clients = getattr(strategy, "clients", 1)
+        paradigm = getattr(strategy, "paradigm", None) if clients > 1 else None
+        stem = f"{preset}-{codec}-c{chunks or 'unsplit'}-e{max_epochs}"
+        name = _run_name(settings.name, stem + (f"-{paradigm}{clients}" if paradigm else ""))
         return {
             "experiment": self.experiment,
             "group": settings.group or self.experiment,
@@ -146,7 +153,11 @@ class SplitCLI(LightningCLI):
                        "wire": wire.describe() if wire else {}},
             "link": settings.link if settings.link is not None else link_from_env(),
             "max_epochs": max_epochs,
-            "tags": _tags(codec, chunks, preset, settings.tags),
+            "clients": clients,
+            "paradigm": paradigm,
+            "client": _process_rank(trainer_config) if clients > 1 else None,
+            "tags": _tags(codec, chunks, preset, settings.tags) + ([f"{paradigm}", f"clients={clients}"]
+                                                                   if paradigm else []),
             "command": " ".join(sys.argv),
             **{k: v for k, v in _plain(self.config.get(str(self.subcommand), self.config)).items()
                if k not in ("config", "run") and not k.startswith("_")},
@@ -188,14 +199,29 @@ def _wandb_key_configured() -> bool:
 
 def _default_loggers(settings: RunSettings, run: dict[str, Any], root: str) -> list[Logger]:
     # The CSVLogger comes first: Lightning puts config.yaml and checkpoints in the first logger's folder.
-    csv = CSVLogger(save_dir=root, name="", version=run["name"])
+    # Many clients: each client is a run of its own (its folder, its checkpoints, its W&B run), grouped by the
+    # job's name; no client's metrics reach another client or the server.
+    client = run.get("client")
+    version = run["name"] if client is None else f"{run['name']}/client{client}"
+    csv = CSVLogger(save_dir=root, name="", version=version)
     loggers: list[Logger] = [csv]
     mode = wandb_mode(settings.wandb)
     if mode != "disabled":
-        loggers.append(WandbLogger(name=run["name"], save_dir=csv.log_dir, project=settings.project,
-                                   group=run["group"], tags=run["tags"], config=_json_safe(run),
-                                   offline=mode == "offline", mode=mode))
+        extra = {} if client is None else {"job_type": f"client{client}"}
+        loggers.append(WandbLogger(name=version.replace("/", "-"), save_dir=csv.log_dir, project=settings.project,
+                                   group=run["group"] if client is None else run["name"], tags=run["tags"],
+                                   config=_json_safe(run), offline=mode == "offline", mode=mode, **extra))
     return loggers
+
+
+def _process_rank(trainer_config: dict[str, Any]) -> int:
+    """This process's global rank before the Trainer exists: torchrun's RANK, or Lightning's node and local rank."""
+    if os.environ.get("RANK"):
+        return int(os.environ["RANK"])
+    devices = trainer_config.get("devices")
+    per_node = int(devices) if isinstance(devices, int) or str(devices).isdigit() else 1
+    node = int(os.environ.get("NODE_RANK", 0))
+    return node * per_node + int(os.environ.get("LOCAL_RANK", 0))
 
 
 class _SaveRunConfig(Callback):

@@ -133,7 +133,8 @@ class SplitPipelineStrategy(DDPStrategy):
         self._serving: int | None = None  # the client whose step the server runs now
         self._slots: BodySlots | None = None
         self._pipelines: list[SplitPipeline] = []
-        self._limits: dict[str, Any] = {}  # the Trainer's own limits, before the server of many clients set them
+        self._limits: dict[str, Any] = {}
+        self._stepped: list[int] = []  # the Trainer's own limits, before the server of many clients set them
         self._protocol = False  # inside a client-led callback hook (see _lead_or_follow)
         self._in_setup = False  # from setup_environment until the loops start: names the phase in errors
         self.pipeline: SplitPipeline | None = None
@@ -359,6 +360,8 @@ class SplitPipelineStrategy(DDPStrategy):
         steps = [int(_parse_num_batches(stage, n, limits)) for n in lengths]
         self._lengths[prefix] = steps
         self._served[prefix] = services(steps)
+        if prefix == "train":  # each client's steps so far (Lightning's _batches_that_stepped on that client)
+            self._stepped = [trainer.current_epoch * n for n in steps]
         if prefix == "val":  # the sanity check runs min(num_sanity_val_steps, steps) of each client
             sanity = self._limits.setdefault("sanity", trainer.num_sanity_val_steps)
             self._served["sanity"] = services([int(min(sanity, n)) for n in steps])
@@ -386,9 +389,19 @@ class SplitPipelineStrategy(DDPStrategy):
                 f"SplitPipelineStrategy(clients={self.clients}) steps the server once per client step; "
                 f"accumulate_grad_batches={trainer.accumulate_grad_batches} is not supported with many clients.")
 
+    def logs_now(self, trainer: Trainer) -> bool:
+        """Whether this training step's figures are logged: Lightning's rule, applied on the server of many clients
+        to the step count of the client it just served (the client's monitors gather from the server then)."""
+        if not (self.many and not self.is_client and self._serving is not None):
+            return trainer._logger_connector.should_update_logs
+        every = trainer.log_every_n_steps
+        return bool(every) and self._stepped[self._serving] % every == 0
+
     def _serve(self, stage: str, index: int) -> int:
         """On the server: make the client that step ``index`` serves the current one; returns its rank."""
         client = self._served[stage][index] if self.many else 0
+        if stage == "train" and self.many:
+            self._stepped[client] += 1
         self._serving = client
         self.pipeline = self._pipelines[client]
         if self._slots is not None:
