@@ -269,7 +269,9 @@ class SplitPipelineStrategy(DDPStrategy):
             # checks its own flag instead (a SIGTERM'd rank stops, and its peers see it gone).
             trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = functools.partial(_local_sigterm, trainer)
             if not any(isinstance(cb, _Rounds) for cb in trainer.callbacks):
-                trainer.callbacks.insert(0, _Rounds(self))  # first: checkpoints and monitors see the averaged model
+                # last: the monitors gather from the server for this step first (a client that waited in the round's
+                # averaging first would hold the server, and so the clients it has still to serve)
+                trainer.callbacks.append(_Rounds(self))
 
     def _check_precision(self) -> None:
         plugin = self.precision_plugin
@@ -360,8 +362,6 @@ class SplitPipelineStrategy(DDPStrategy):
         steps = [int(_parse_num_batches(stage, n, limits)) for n in lengths]
         self._lengths[prefix] = steps
         self._served[prefix] = services(steps)
-        if prefix == "train":  # each client's steps so far (Lightning's _batches_that_stepped on that client)
-            self._stepped = [trainer.current_epoch * n for n in steps]
         if prefix == "val":  # the sanity check runs min(num_sanity_val_steps, steps) of each client
             sanity = self._limits.setdefault("sanity", trainer.num_sanity_val_steps)
             self._served["sanity"] = services([int(min(sanity, n)) for n in steps])
@@ -459,12 +459,12 @@ class SplitPipelineStrategy(DDPStrategy):
             elif self._slots is not None:
                 self._slots.average(self._lengths["train"])
 
-    def _own_checkpoint_path(self) -> str:
-        """Where a client that follows client 0's save writes: ``last.ckpt`` in its own checkpoint folder."""
+    def _own_checkpoint_path(self, name: str) -> str:
+        """Where a client that follows client 0's save writes: the same file name in its own checkpoint folder."""
         callback = self.lightning_module.trainer.checkpoint_callback
         folder = getattr(callback, "dirpath", None) or os.path.join(self.lightning_module.trainer.default_root_dir,
                                                                      f"client{self.global_rank}")
-        return os.path.join(folder, "last.ckpt")
+        return os.path.join(folder, name)
 
     def _batches_done(self) -> int:
         return self.lightning_module.trainer.fit_loop.epoch_loop.batch_progress.current.processed
@@ -720,8 +720,11 @@ class SplitPipelineStrategy(DDPStrategy):
                     link.send(share, dst=client)
                 return
             share = self._links[0].recv(src=self.server_rank, what="server checkpoint share")
-            if self.many and "<" in str(filepath):  # a client following client 0's save: its own folder
-                filepath = self._own_checkpoint_path()
+        if self.many:  # every client writes the file client 0 writes, by the same name, in its own folder
+            name = self._among().broadcast(os.path.basename(str(filepath)) if self.global_rank == 0 else None, src=0,
+                                           what="checkpoint name")
+            if self.global_rank != 0:
+                filepath = self._own_checkpoint_path(name)
         checkpoint = {**checkpoint, "state_dict": {**share.pop("state_dict"), **checkpoint["state_dict"]}}
         if "optimizer_states" in checkpoint:
             checkpoint["optimizer_states"] = [{"split_ranks": [own, server]} for own, server in
@@ -900,8 +903,8 @@ def _check_share(weights: Mapping[str, Any], expected: list[str], what: str) -> 
 
 
 class _Rounds(Callback):
-    """Many clients: ends each client step (a turn handed on) and each round (parts combined), before any other
-    callback sees the model; and, at an epoch's end, tells the server that no client is being served."""
+    """Many clients: ends each client step (a turn handed on) and each round (parts combined, before validation);
+    and, at an epoch's end, tells the server that no client is being served."""
 
     def __init__(self, strategy: SplitPipelineStrategy) -> None:
         self.strategy = strategy
@@ -910,6 +913,11 @@ class _Rounds(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self.strategy._after_step(trainer, batch_idx)
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # each client's steps before this round (its Lightning _batches_that_stepped); rounds resume whole
+        self.strategy._stepped = [trainer.current_epoch * n for n in self.strategy._lengths["train"]]
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
