@@ -77,14 +77,15 @@ class Federation:
         return self.links[self.rank]
 
 
-def fedavg_(tensors: Sequence[Tensor], *, weight: float, group: dist.ProcessGroup) -> None:
+def fedavg_(tensors: Sequence[Tensor], *, weight: float, group: dist.ProcessGroup) -> int:
     """FedAvg in place over ``group``: every rank ends with ``sum_r weight_r * tensors_r / sum_r weight_r``.
 
-    Floating tensors only (integer buffers such as BatchNorm's step count stay local). One flat all-reduce.
+    Floating tensors only (integer buffers such as BatchNorm's step count stay local). One flat all-reduce, in
+    float64; returns the bytes it reduced (the averaging's traffic, as the clients' ledgers book it).
     """
     floats = [t for t in tensors if t.is_floating_point()]
     if not floats:
-        return
+        return 0
     total = torch.tensor([float(weight)], dtype=torch.float64)
     dist.all_reduce(total, group=group)
     flat = torch.cat([t.detach().reshape(-1).double() for t in floats]) * (float(weight) / float(total))
@@ -94,6 +95,7 @@ def fedavg_(tensors: Sequence[Tensor], *, weight: float, group: dist.ProcessGrou
         n = t.numel()
         t.data.copy_(flat[offset:offset + n].view_as(t))
         offset += n
+    return flat.numel() * flat.element_size()
 
 
 class BodySlots:

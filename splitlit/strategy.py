@@ -445,19 +445,23 @@ class SplitPipelineStrategy(DDPStrategy):
                     self._among().send(self._client_part(), dst=after)
         if not last:
             return
-        among = self._among()
         with self._link_errors("combining the clients' parts at the end of the round"):
             if self.is_client and self.paradigm == "sequential":  # everyone continues from the last one served
                 final = self._served["train"][-1]
-                part = among.broadcast(self._client_part() if self.global_rank == final else None, src=final,
-                                       what="client part (sequential)")
+                part = self._among().broadcast(self._client_part() if self.global_rank == final else None,
+                                               src=final, what="client part (sequential)")
                 if self.global_rank != final:
                     self.lightning_module.load_state_dict(part, strict=False)
             elif self.is_client:
-                fedavg_(list(self._client_part().values()), weight=self._lengths["train"][self.global_rank],
-                        group=self._federation.among_clients)
+                nbytes = fedavg_(list(self._client_part().values()), weight=self._lengths["train"][self.global_rank],
+                                 group=self._federation.among_clients)
+                self.ledger.book("client average", nbytes)
             elif self._slots is not None:
                 self._slots.average(self._lengths["train"])
+        if self.is_client:  # the clients' own traffic is real traffic too: logged apart from the pipeline's link
+            received = self.ledger.bytes("client part (sequential)") + self.ledger.bytes("client average")
+            for logger in trainer.loggers:
+                logger.log_metrics({"clients/weights_received_MB": received / 1e6}, step=trainer.global_step)
 
     def _own_checkpoint_path(self, name: str) -> str:
         """Where a client that follows client 0's save writes: the same file name in its own checkpoint folder."""
