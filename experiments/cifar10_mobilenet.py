@@ -25,8 +25,8 @@ from torchvision import models
 from torchvision.datasets import CIFAR10
 from torchvision.transforms import v2
 
-from experiments.partition import client_shard
 from experiments.partition import check as partition_check
+from experiments.partition import own_shard
 from splitlit import Split
 
 __all__ = ["REPORT_ROWS", "CIFAR10DataModule", "LocalCIFAR10", "MobileNetV2Classifier", "main", "report_codecs"]
@@ -112,18 +112,11 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.val_set = subset(self._dataset(train=False), self.hparams.val_subset)
 
     def _own_shard(self, dataset: Any) -> Any:
-        """Many clients: this client's shard of the training set (the same partition on every client)."""
-        strategy = self.trainer.strategy if self.trainer is not None else None
-        clients = getattr(strategy, "clients", 1)
-        if clients == 1 or self.hparams.partition is None:
-            return dataset
         base = dataset.dataset if isinstance(dataset, Subset) else dataset
-        indices = list(dataset.indices) if isinstance(dataset, Subset) else list(range(len(dataset)))
-        labels = [base.targets[i] for i in indices]
-        mine = client_shard(labels, client=strategy.global_rank, clients=clients, scheme=self.hparams.partition,
-                            alpha=self.hparams.alpha, seed=self.hparams.partition_seed,
-                            batch_size=self.hparams.batch_size)
-        return Subset(base, [indices[i] for i in mine])
+        indices = dataset.indices if isinstance(dataset, Subset) else range(len(dataset))
+        return own_shard(dataset, self.trainer, label=lambda i: base.targets[indices[i]],
+                         scheme=self.hparams.partition, alpha=self.hparams.alpha, seed=self.hparams.partition_seed,
+                         batch_size=self.hparams.batch_size)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,

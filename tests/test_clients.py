@@ -101,3 +101,12 @@ def test_wrong_world_size_is_named(tmp_path):
     result = run_fit_script(SCRIPT, ["--out", str(tmp_path), "--clients", "2", "--devices", "2"], timeout=120)
     assert result.returncode != 0
     assert "clients + 1 = 3 processes" in result.output and "devices=3" in result.output
+
+
+@pytest.mark.slow
+def test_a_dead_client_stops_the_job_and_is_named(tmp_path):
+    """Client 1 dies mid-round: the job ends (no hang) and the server's error names that client."""
+    result = run_fit_script(SCRIPT, ["--out", str(tmp_path), "--clients", "3", "--paradigm", "splitfed",
+                                     "--kill-rank", "1", "--kill-step", "2", "--timeout", "45"], timeout=200)
+    assert result.returncode != 0
+    assert "The client (rank 1) stopped answering" in result.output, result.output[-4000:]

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from splitlit import SplitPipelineStrategy  # noqa: E402
 from splitlit.clients import services  # noqa: E402
-from tests.scripts.toy import Toy  # noqa: E402
+from tests.scripts.toy import KillAt, Toy  # noqa: E402
 
 
 class SGDToy(Toy):
@@ -64,12 +64,16 @@ def main() -> None:
     p.add_argument("--uneven", action="store_true")
     p.add_argument("--reference", action="store_true")
     p.add_argument("--devices", type=int, default=None, help="processes (default clients + 1)")
+    p.add_argument("--kill-rank", type=int, default=None, help="this rank dies (os._exit) at --kill-step")
+    p.add_argument("--kill-step", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=60.0)
     args = p.parse_args()
     L.seed_everything(0, verbose=False)
     model = SGDToy()
     per_client = shards(args.clients, args.batch_size, identical=args.identical, uneven=args.uneven)
+    callbacks = [KillAt(args.kill_rank, args.kill_step)] if args.kill_rank is not None else []
     common = dict(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1)
+                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1, callbacks=callbacks)
     if args.reference:
         order = services([len(b) for b in per_client])
         turns = [per_client[c][sum(1 for d in order[:k] if d == c)] for k, c in enumerate(order)]
@@ -78,7 +82,7 @@ def main() -> None:
         rank = "reference"
     else:
         strategy = SplitPipelineStrategy(chunks=args.chunks, clients=args.clients, paradigm=args.paradigm,
-                                         timeout=60)
+                                         timeout=args.timeout)
         trainer = L.Trainer(devices=args.devices or args.clients + 1, strategy=strategy, **common)
         mine = int(os.environ.get("LOCAL_RANK", 0))  # Lightning's launcher: this process's rank
         train = DataLoader(per_client[mine] if mine < args.clients else [], batch_size=None)
