@@ -20,7 +20,6 @@ the pipeline's output for that micro-batch), so the same module trains unsplit u
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
 import logging
 import os
@@ -33,19 +32,18 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
 from lightning.pytorch.trainer.states import RunningStage
-from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor, nn
 from typing_extensions import override
 
-from splitlit.clients import PARADIGMS, BodySlots, Federation, fedavg_, services
+from splitlit.clients import PARADIGMS, Federation
 from splitlit.following import BROADCAST, DECIDE, SAVE, follow_client_resume, lead_or_follow
 from splitlit.microbatch import _head_inputs, _LogsPerBatch, _returning, _slice_batch
 from splitlit.pipeline import PeerLostError, SplitPipeline, link_errors
@@ -54,6 +52,7 @@ from splitlit.placement import (_disable_metric_sync, _keep_data_off_server, _ke
 from splitlit.resume import ResumableLoader, ServerBatches, rng_state, seed_rank_apart, set_rng_state
 from splitlit.meter import LinkMeter
 from splitlit.schedule import ORDERS
+from splitlit.serving import ManyClients
 from splitlit.split import CLIENT_RANK, SERVER_RANK, Split, SplitError
 from splitlit.transport import Channel, Ledger, authenticate, resolve_secret
 from splitlit.wire import WirePlan
@@ -127,14 +126,8 @@ class SplitPipelineStrategy(DDPStrategy):
         self.ledger = Ledger()  # what this rank received outside the pipeline, by name
         self._channel: Channel | None = None  # to every rank: decisions, lengths
         self._links: list[Channel] = []  # per client link (one on a client: its own)
-        self._federation: Federation | None = None
-        self._served: dict[str, list[int]] = {}  # on the server, many clients: which client each step serves
-        self._lengths: dict[str, list[int]] = {}  # every client's steps per stage (many clients)
-        self._serving: int | None = None  # the client whose step the server runs now
-        self._slots: BodySlots | None = None
+        self._many: ManyClients | None = None  # many clients: the serving plan, turns and rounds (splitlit.serving)
         self._pipelines: list[SplitPipeline] = []
-        self._limits: dict[str, Any] = {}
-        self._stepped: list[int] = []  # the Trainer's own limits, before the server of many clients set them
         self._protocol = False  # inside a client-led callback hook (see _lead_or_follow)
         self._in_setup = False  # from setup_environment until the loops start: names the phase in errors
         self.pipeline: SplitPipeline | None = None
@@ -208,9 +201,10 @@ class SplitPipelineStrategy(DDPStrategy):
         comm = torch.device("cpu") if dist.get_backend() == "gloo" else self.root_device
         self._channel = Channel(self.global_rank, comm, self.ledger)
         if self.many:
-            self._federation = Federation(clients=self.clients, paradigm=self.paradigm, rank=self.global_rank,
-                                          timeout=self.timeout_s)
-            links = self._federation.links
+            federation = Federation(clients=self.clients, paradigm=self.paradigm, rank=self.global_rank,
+                                    timeout=self.timeout_s)
+            self._many = ManyClients(self, federation)
+            links = federation.links
             self._links = ([self._channel.on(links[self.global_rank])] if self.is_client
                            else [self._channel.on(g) for g in links])
         else:
@@ -251,10 +245,9 @@ class SplitPipelineStrategy(DDPStrategy):
         if trainer.state.fn == "fit":
             self.setup_optimizers(trainer)
             _keep_own_params(self.optimizers, self._owned, self.role)
-            if self.many and not self.is_client and self.paradigm == "splitfed":
+            if self._many is not None and not self.is_client and self.paradigm == "splitfed":
                 owned = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-                self._slots = BodySlots({k: t for k, t in owned.items() if not t.is_meta}, self.optimizers,
-                                        self.clients)
+                self._many.keep_bodies({k: t for k, t in owned.items() if not t.is_meta}, self.optimizers)
         self.setup_precision_plugin()
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_global_norm  # type: ignore[method-assign]
         # 6. Callbacks that read metrics decide on the client; the server follows their decisions.
@@ -262,16 +255,10 @@ class SplitPipelineStrategy(DDPStrategy):
             if isinstance(callback, (ModelCheckpoint, EarlyStopping)):
                 lead_or_follow(callback, self)
         # 7. Many clients: the checks that need the Trainer, and the end of each round after the last step.
-        if self.many:
-            self._check_many_clients(trainer)
-            # Lightning broadcasts a SIGTERM flag from rank 0 before every training step; the server of many
-            # clients takes more steps than any client, so that broadcast would pair steps that differ. Each rank
-            # checks its own flag instead (a SIGTERM'd rank stops, and its peers see it gone).
-            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = functools.partial(_local_sigterm, trainer)
-            if not any(isinstance(cb, _Rounds) for cb in trainer.callbacks):
-                # last: the monitors gather from the server for this step first (a client that waited in the round's
-                # averaging first would hold the server, and so the clients it has still to serve)
-                trainer.callbacks.append(_Rounds(self))
+        if self._many is not None:
+            self._many.check(trainer)
+            if self._many not in trainer.callbacks:
+                trainer.callbacks.append(self._many)  # last: see ManyClients.on_train_batch_end
 
     def _check_precision(self) -> None:
         plugin = self.precision_plugin
@@ -290,8 +277,8 @@ class SplitPipelineStrategy(DDPStrategy):
         server_names = _tensor_names(module, _owned_tensors(self.split, module, is_client=False))
         state = module.state_dict()
         fresh = self.global_rank == 0 and not any(state[k].is_meta for k in server_names)  # first setup
-        if self.many and self.is_client:
-            self._sync_clients(module)
+        if self._many is not None and self.is_client:
+            self._many.sync_clients(module, _tensor_names(module, _owned_tensors(self.split, module, is_client=True)))
         if self.global_rank not in (0, self.server_rank):
             return  # the other clients: not on client 0's link
         with link_errors("set-up (sending the server its initial weights)", rank=self._link_role,
@@ -302,16 +289,6 @@ class SplitPipelineStrategy(DDPStrategy):
             _check_share(weights, server_names, "initial weights")
             module.load_state_dict(weights, strict=False)
 
-    def _sync_clients(self, module: LightningModule) -> None:
-        """Every client starts from client 0's head and tail (the clients' group: the server is not in it)."""
-        assert self._federation is not None and self._channel is not None and self.split is not None
-        names = _tensor_names(module, _owned_tensors(self.split, module, is_client=True))
-        state = module.state_dict()
-        part = self._among().broadcast({k: state[k] for k in names} if self.global_rank == 0 else None, src=0,
-                               what="initial client part")
-        if self.global_rank != 0:
-            module.load_state_dict(part, strict=False)
-
     @property
     def _link_role(self) -> int:
         return CLIENT_RANK if self.is_client else SERVER_RANK
@@ -321,15 +298,16 @@ class SplitPipelineStrategy(DDPStrategy):
             return None
         if self.is_client:
             return f"server (rank {self.server_rank})"
-        return f"client (rank {self._serving})" if self._serving is not None else "clients"
+        serving = self._many.serving if self._many is not None else None
+        return f"client (rank {serving})" if serving is not None else "clients"
 
     # -- data ---------------------------------------------------------------------------------------------------
     @override
     def process_dataloader(self, dataloader: object) -> object:
         assert self._channel is not None
         length, error = self._describe_loader(dataloader) if self.is_client else (0, None)
-        if self.many:
-            length = self._serve_many(length, error)
+        if self._many is not None:
+            length = self._many.plan(self._channel, self.lightning_module.trainer, length, error)
         else:
             length, failed = self._channel.broadcast_numbers(
                 [length, int(error is not None)] if self.is_client else None, length=2, src=CLIENT_RANK,
@@ -342,126 +320,13 @@ class SplitPipelineStrategy(DDPStrategy):
         progress = self._batches_done
         return ResumableLoader(dataloader, progress) if self.is_client else ServerBatches(length, progress)
 
-    def _serve_many(self, length: int, error: str | None) -> int:
-        """Every client's loader length reaches every rank; the server plans which client each of its steps serves.
-
-        The server's loops then run one step per client step (the clients' own limits applied), so Lightning's
-        counts agree on every rank: the server's step ``k`` serves client ``self._served[stage][k]``.
-        """
-        assert self._channel is not None
-        trainer = self.lightning_module.trainer
-        rows = self._channel.all_numbers([length, int(error is not None)], what="loader length")
-        failed = [rank for rank, (_, bad) in enumerate(rows[:self.clients]) if bad]
-        if failed:
-            raise MisconfigurationException(error or f"Client(s) {failed} rejected their data loaders; their errors "
-                                                     f"say why.")
-        lengths = [n for n, _ in rows[:self.clients]]
-        stage = trainer.state.stage
-        prefix = stage.dataloader_prefix if stage is not None else "train"
-        limits = self._limits.setdefault(prefix, getattr(trainer, f"limit_{prefix}_batches"))
-        steps = [int(_parse_num_batches(stage, n, limits)) for n in lengths]
-        self._lengths[prefix] = steps
-        self._served[prefix] = services(steps)
-        if prefix == "val":  # the sanity check runs min(num_sanity_val_steps, steps) of each client
-            sanity = self._limits.setdefault("sanity", trainer.num_sanity_val_steps)
-            self._served["sanity"] = services([int(min(sanity, n)) for n in steps])
-            if not self.is_client:
-                trainer.num_sanity_val_steps = len(self._served["sanity"])
-        if self.is_client:
-            return length
-        setattr(trainer, f"limit_{prefix}_batches", 1.0)  # the clients' limits are in the plan already
-        return len(self._served[prefix])
-
-    def _check_many_clients(self, trainer: Trainer) -> None:
-        """What many clients cannot do yet, said before the first step rather than as a hang."""
-        if trainer.max_steps not in (-1, None):
-            raise MisconfigurationException(
-                f"SplitPipelineStrategy(clients={self.clients}) counts steps per client, so max_steps="
-                f"{trainer.max_steps} would stop the clients and the server at different points. Use max_epochs "
-                f"(a round is an epoch).")
-        if trainer.val_check_interval != 1.0:
-            raise MisconfigurationException(
-                f"SplitPipelineStrategy(clients={self.clients}) validates at the end of each round; "
-                f"val_check_interval={trainer.val_check_interval!r} would validate mid-round at a different step "
-                f"on each client. Leave val_check_interval at 1.0 (check_val_every_n_epoch works).")
-        if trainer.accumulate_grad_batches != 1:
-            raise MisconfigurationException(
-                f"SplitPipelineStrategy(clients={self.clients}) steps the server once per client step; "
-                f"accumulate_grad_batches={trainer.accumulate_grad_batches} is not supported with many clients.")
+    def _serve(self, stage: str, index: int) -> None:
+        """On the server: run step ``index`` of ``stage`` on the link of the client it serves."""
+        self.pipeline = self._pipelines[self._many.serve(stage, index) if self._many is not None else 0]
 
     def logs_now(self, trainer: Trainer) -> bool:
-        """Whether this training step's figures are logged: Lightning's rule, applied on the server of many clients
-        to the step count of the client it just served (the client's monitors gather from the server then)."""
-        if not (self.many and not self.is_client and self._serving is not None):
-            return trainer._logger_connector.should_update_logs
-        every = trainer.log_every_n_steps
-        return bool(every) and self._stepped[self._serving] % every == 0
-
-    def _serve(self, stage: str, index: int) -> int:
-        """On the server: make the client that step ``index`` serves the current one; returns its rank."""
-        client = self._served[stage][index] if self.many else 0
-        if stage == "train" and self.many:
-            self._stepped[client] += 1
-        self._serving = client
-        self.pipeline = self._pipelines[client]
-        if self._slots is not None:
-            self._slots.use(client)
-        return client
-
-    # -- many clients: turns and rounds (splitlit.clients) ------------------------------------------------------
-    def _client_part(self) -> dict[str, Tensor]:
-        return {k: v for k, v in self.lightning_module.state_dict().items() if not v.is_meta}
-
-    def _neighbours(self, batch_idx: int) -> tuple[int | None, int | None]:
-        """Sequential split learning: the clients served just before and just after this client's step."""
-        order = self._served["train"]
-        position = [i for i, client in enumerate(order) if client == self.global_rank][batch_idx]
-        before = order[position - 1] if position > 0 else None
-        after = order[position + 1] if position + 1 < len(order) else None
-        return before, after
-
-    def _among(self) -> Channel:
-        """The clients' own channel: the server is not in its group."""
-        assert self._channel is not None and self._federation is not None
-        return self._channel.on(self._federation.among_clients)
-
-    def _take_turn(self, batch_idx: int) -> None:
-        """Sequential: start from the head and tail of the client served just before (client to client)."""
-        assert self._channel is not None
-        before, _ = self._neighbours(batch_idx)
-        if before is not None and before != self.global_rank:
-            with self._link_errors(f"waiting for client {before}'s head and tail"):
-                part = self._among().recv(src=before, what="client part (sequential)")
-            self.lightning_module.load_state_dict(part, strict=False)
-
-    def _after_step(self, trainer: Trainer, batch_idx: int) -> None:
-        """After a client step: hand the part on (sequential); after the round's last step: combine the parts."""
-        assert self._channel is not None and self._federation is not None
-        last = batch_idx + 1 >= trainer.num_training_batches
-        if self.is_client and self.paradigm == "sequential":
-            _, after = self._neighbours(batch_idx)
-            if after is not None and after != self.global_rank:
-                with self._link_errors(f"handing the head and tail to client {after}"):
-                    self._among().send(self._client_part(), dst=after)
-        if not last:
-            return
-        with self._link_errors("combining the clients' parts at the end of the round"):
-            if self.is_client and self.paradigm == "sequential":  # everyone continues from the last one served
-                final = self._served["train"][-1]
-                part = self._among().broadcast(self._client_part() if self.global_rank == final else None,
-                                               src=final, what="client part (sequential)")
-                if self.global_rank != final:
-                    self.lightning_module.load_state_dict(part, strict=False)
-            elif self.is_client:
-                nbytes = fedavg_(list(self._client_part().values()), weight=self._lengths["train"][self.global_rank],
-                                 group=self._federation.among_clients)
-                self.ledger.book("client average", nbytes)
-            elif self._slots is not None:
-                self._slots.average(self._lengths["train"])
-        if self.is_client:  # the clients' own traffic is real traffic too: logged apart from the pipeline's link
-            received = self.ledger.bytes("client part (sequential)") + self.ledger.bytes("client average")
-            for logger in trainer.loggers:
-                logger.log_metrics({"clients/weights_received_MB": received / 1e6}, step=trainer.global_step)
+        """Whether this training step's figures are logged (the link monitors ask: see ManyClients.logs_now)."""
+        return self._many.logs_now(trainer) if self._many is not None else trainer._logger_connector.should_update_logs
 
     def _own_checkpoint_path(self, name: str) -> str:
         """Where a client that follows client 0's save writes: the same file name in its own checkpoint folder."""
@@ -498,8 +363,8 @@ class SplitPipelineStrategy(DDPStrategy):
                 self.pipeline.train_step()
                 return torch.zeros((), device=self.root_device)  # Lightning steps the optimiser only on a tensor
             batch, batch_idx, rest = args[0], args[1] if len(args) > 1 else 0, args[2:]
-            if self.many and self.paradigm == "sequential":
-                self._take_turn(batch_idx)
+            if self._many is not None and self.paradigm == "sequential":
+                self._many.take_turn(batch_idx)
             inputs = self._client_inputs(batch)
             size = inputs[0].shape[0]
 
@@ -624,7 +489,8 @@ class SplitPipelineStrategy(DDPStrategy):
             rows = [torch.empty_like(local) for _ in range(2)]
             dist.gather(local, rows, dst=self.global_rank, group=self._links[0].group)
             return torch.stack(rows).to(tensor.device)
-        clients = range(self.clients) if self._serving is None else [self._serving]
+        serving = self._many.serving if self._many is not None else 0
+        clients = range(self.clients) if serving is None else [serving]
         for client in clients:
             dist.gather(local, None, dst=client, group=self._links[client].group)
         return None
@@ -696,9 +562,10 @@ class SplitPipelineStrategy(DDPStrategy):
         if squared is not None:
             total = float(squared.sum().sqrt())
             scale = [min(1.0, clip_val / (total + 1e-6))]  # torch's clip_grads_with_norm_ formula
-        link = self._links[0] if self.is_client else self._links[self._serving or 0]
-        (scale,) = link.broadcast_numbers(scale, length=1, src=self.global_rank if self.is_client else
-                                          (self._serving or 0), what="clip scale", dtype=torch.float64)
+        serving = (self._many.serving if self._many is not None else 0) or 0
+        link = self._links[0] if self.is_client else self._links[serving]
+        (scale,) = link.broadcast_numbers(scale, length=1, src=self.global_rank if self.is_client else serving,
+                                          what="clip scale", dtype=torch.float64)
         if params and scale < 1.0:
             torch._foreach_mul_([p.grad for p in params], scale)
 
@@ -719,14 +586,13 @@ class SplitPipelineStrategy(DDPStrategy):
             if not self.is_client:
                 for client, link in enumerate(self._links):  # each client's file holds the body it trains with
                     share = {k: checkpoint[k] for k in _SERVER_SHARE if k in checkpoint}
-                    if self._slots is not None:
-                        share["state_dict"] = self._slots.state_dict(client, checkpoint["state_dict"])
+                    if self._many is not None and self._many.slots is not None:
+                        share["state_dict"] = self._many.slots.state_dict(client, checkpoint["state_dict"])
                     link.send(share, dst=client)
                 return
             share = self._links[0].recv(src=self.server_rank, what="server checkpoint share")
-        if self.many:  # every client writes the file client 0 writes, by the same name, in its own folder
-            name = self._among().broadcast(os.path.basename(str(filepath)) if self.global_rank == 0 else None, src=0,
-                                           what="checkpoint name")
+        if self._many is not None:  # every client writes the file client 0 writes, by that name, in its own folder
+            name = self._many.checkpoint_name(filepath)
             if self.global_rank != 0:
                 filepath = self._own_checkpoint_path(name)
         checkpoint = {**checkpoint, "state_dict": {**share.pop("state_dict"), **checkpoint["state_dict"]}}
@@ -761,8 +627,8 @@ class SplitPipelineStrategy(DDPStrategy):
         for client, one in enumerate(shares):
             if "error" in one:
                 raise RuntimeError(one["error"] if not self.many else f"client {client}: {one['error']}")
-        if self._slots is not None:
-            self._slots.load([one["state_dict"] for one in shares])
+        if self._many is not None and self._many.slots is not None:
+            self._many.slots.load([one["state_dict"] for one in shares])
         share = shares[0]
         own = checkpoint if self.is_client else share
         if _RNG_KEY in own:  # a checkpoint at an epoch's end; mid-epoch, the loaders restore it (splitlit.resume)
@@ -883,11 +749,6 @@ _SERVER_SHARE = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "ep
                  "pytorch-lightning_version", "MixedPrecision", _RNG_KEY)
 
 
-def _local_sigterm(trainer: Trainer) -> None:
-    if getattr(trainer, "received_sigterm", False):
-        raise SIGTERMException()
-
-
 def _is_weights_only(checkpoint: Mapping[str, Any]) -> bool:
     return "optimizer_states" not in checkpoint
 
@@ -904,29 +765,3 @@ def _check_share(weights: Mapping[str, Any], expected: list[str], what: str) -> 
     if unexpected:
         raise KeyError(f"The client sent the server {what} it does not own: {unexpected[:5]}. Both ranks must run "
                        f"the same model and split.")
-
-
-class _Rounds(Callback):
-    """Many clients: ends each client step (a turn handed on) and each round (parts combined, before validation);
-    and, at an epoch's end, tells the server that no client is being served."""
-
-    def __init__(self, strategy: SplitPipelineStrategy) -> None:
-        self.strategy = strategy
-
-    @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        self.strategy._after_step(trainer, batch_idx)
-
-    @override
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # each client's steps before this round (its Lightning _batches_that_stepped); rounds resume whole
-        self.strategy._stepped = [trainer.current_epoch * n for n in self.strategy._lengths["train"]]
-
-    @override
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.strategy._serving = None
-
-    @override
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.strategy._serving = None
