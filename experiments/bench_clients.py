@@ -16,8 +16,9 @@ the table gives per paradigm and client count:
 * ``server_peak_MB``: the server's peak resident memory (SplitFed v1 holds one body per client, v2 one);
 * ``val_acc``: client 0's validation accuracy after the last round.
 
-It prints a markdown table, writes ``results.csv`` and draws ``clients.png`` (time per round, bytes per client,
-server memory and accuracy against the client count) in ``--out``.
+It prints a markdown table, writes ``results.csv`` in ``--out`` and draws ``--figure`` (the README's
+``docs/figures/clients.png``: time per round, bytes per client, server memory and accuracy against the client
+count).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def run_cell(paradigm: str, clients: int, args: argparse.Namespace) -> dict[str,
     cmd = [sys.executable, "-m", "experiments.cifar10_mobilenet", "fit",
            "--config", "experiments/configs/cifar10_clients.yaml",
            "--trainer.strategy.init_args.clients", str(clients),
-           "--trainer.strategy.init_args.paradigm", paradigm,
+           "--trainer.strategy.init_args.paradigm", paradigm, "--trainer.strategy.init_args.timeout", "900",
            "--data.data_dir", str(args.data / "cifar10"), "--data.image_size", str(args.image_size),
            "--data.train_subset", str(args.train), "--data.val_subset", str(args.val),
            "--model.pretrained", str(args.data / "weights" / "mobilenet_v2-b0353104.pth"),
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--epochs", type=int, default=2, help="rounds; the table shows the last")
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--out", type=Path, default=Path("runs/bench_clients"))
+    p.add_argument("--figure", type=Path, default=Path("docs/figures/clients.png"), help="the README's figure")
     p.add_argument("--timeout", type=float, default=1800)
     args = p.parse_args(argv)
     rows = []
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         writer.writeheader()
         writer.writerows(rows)
     print(table(rows))
-    plot(rows, args.out / "clients.png")
+    args.figure.parent.mkdir(parents=True, exist_ok=True)
+    plot(rows, args.figure)
     return rows
 
 

@@ -546,3 +546,29 @@ def test_training_over_a_25ms_link_reaches_the_weights_of_unsplit_training(tmp_p
     assert split.keys() == reference.keys()
     for key, value in reference.items():
         torch.testing.assert_close(split[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_many_clients_each_on_a_link_of_its_own_rate(tmp_path):
+    """--clients 2 --bandwidth 200mbit,20mbit: each client's link carries its own rate (the straggler), the job
+    runs on three hosts (two clients and the server) and SplitFed trains over them."""
+    stats = tmp_path / "stats.json"
+    with _link_command(["--clients", "2", "--bandwidth", "200mbit,20mbit", "--probe-seconds", "0.3",
+                        "--stats", str(stats), "--no-trainer-args", "--", sys.executable,
+                        "tests/scripts/clients_toy.py", "--out", str(tmp_path / "out"), "--clients", "2",
+                        "--paradigm", "splitfed", "--hosts", "--epochs", "1"]) as proc:
+        result = _finish(proc, 240)
+        assert not _namespaces(proc.pid)
+    assert result.returncode == 0, result.output[-4000:]
+    record = json.loads(stats.read_text())
+    fast, slow = record["probe"]
+    assert 150 < fast["up_mbit"] < 205 and 150 < fast["down_mbit"] < 205, fast
+    assert 15 < slow["up_mbit"] < 20.5 and 15 < slow["down_mbit"] < 20.5, slow
+    assert all(record["counters"][c]["tx_bytes"] > 10_000 for c in ("client0", "client1")), record["counters"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("rank*.pt")) == ["rank0.pt", "rank1.pt", "rank2.pt"]
+
+
+def test_many_client_rates_are_one_or_one_per_client(capsys):
+    """A rate list whose length is neither 1 nor --clients is refused, naming the option and the count."""
+    assert link_main(["--clients", "3", "--bandwidth", "10mbit,20mbit", "--", "true"]) == 2
+    assert "--bandwidth '10mbit,20mbit': give one rate, or one per client (3" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from splitlit.link.job import Interrupted, JobResult, run_two_hosts, with_traine
 from splitlit.link.netns import check_requirements, remove_stale_links
 from splitlit.link.shaped import STOP_SIGNALS, ShapedLink
 from splitlit.link.spec import ROLES, LinkSpec
+from splitlit.link.star import StarLink
 from splitlit.link.units import parse_delay, parse_delays, parse_percent, parse_rate, parse_size
 
 __all__ = ["main"]
@@ -31,9 +32,13 @@ def _parser() -> argparse.ArgumentParser:
         epilog="examples:\n  sudo python -m splitlit.link --bandwidth 100mbit -- "
                "python -m experiments.cifar10_mobilenet fit --config experiments/configs/cifar10_small.yaml\n"
                "  sudo python -m splitlit.link --up 5mbit --down 50mbit --delay 40ms --jitter 5ms --loss 0.1% -- ...")
-    parser.add_argument("--bandwidth", help="rate of both directions, tc units: 100mbit, 1gbit, 500kbit")
+    parser.add_argument("--bandwidth", help="rate of both directions, tc units: 100mbit, 1gbit, 500kbit; with "
+                                            "--clients one value, or one per client: 100mbit,100mbit,10mbit")
     parser.add_argument("--up", help="client -> server rate (overrides --bandwidth for that direction)")
     parser.add_argument("--down", help="server -> client rate (overrides --bandwidth for that direction)")
+    parser.add_argument("--clients", type=int, default=1,
+                        help="many clients: a namespace per client, each on a link of its own rate to the server's "
+                             "(tc tbf; a slow one is the straggler); the job runs on clients + 1 hosts")
     parser.add_argument("--delay", default=None, help="one-way delay of each direction, e.g. 25ms (round trip: "
                                                       "twice it); one value, or one per client link: 5ms,80ms")
     parser.add_argument("--jitter", default=None, help="each packet's delay varies uniformly within +-jitter "
@@ -109,15 +114,72 @@ def main(argv: list[str] | None = None) -> int:
             print(f"splitlit.link: removed {len(removed)} stale namespaces" + (f": {', '.join(removed)}" if removed
                                                                                 else ""))
             return 0
-        spec = spec_from_args(args)
+        if args.clients < 1:
+            raise LinkError(f"--clients {args.clients}: give the number of clients, 1 or more.")
+        specs = [spec_from_args(one) for one in _per_client(args)]
         if not command:
             parser.error("give the command after --, e.g. --bandwidth 100mbit -- python -m ...")
         if not args.no_trainer_args:
-            command = with_trainer_args(command)
-        return _run_job(spec, command, args)
+            command = with_trainer_args(command, hosts=args.clients + 1)
+        if args.clients > 1:
+            return _run_star(specs, command, args)
+        return _run_job(specs[0], command, args)
     except LinkError as err:
         print(f"splitlit.link: {err}", file=sys.stderr)
         return 2
+
+
+def _per_client(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """One set of link options per client: ``--bandwidth a,b,c`` gives client i the i-th rate."""
+    values = {}
+    for name in ("bandwidth", "up", "down"):
+        text = getattr(args, name)
+        parts = text.split(",") if text else [None]
+        if len(parts) not in (1, args.clients):
+            raise LinkError(f"--{name} {text!r}: give one rate, or one per client ({args.clients} with --clients "
+                            f"{args.clients}), separated by commas.")
+        values[name] = parts * args.clients if len(parts) == 1 else parts
+    return [argparse.Namespace(**{**vars(args), **{k: v[i] for k, v in values.items()}}) for i in range(args.clients)]
+
+
+def _run_star(specs: list[LinkSpec], command: list[str], args: argparse.Namespace) -> int:
+    """Many clients: every client and the server on hosts of their own, each client on its own link."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}
+    result = JobResult()
+    stats: dict[str, Any] = {"command": command}
+    try:
+        with StarLink(specs, port=args.port) as link:
+            rates = ", ".join(f"client {i}: {_settings_text(spec)}" for i, spec in enumerate(specs))
+            print(f"splitlit.link: {len(specs)} clients ({rates})", flush=True)
+            if args.probe_seconds > 0:
+                stats["probe"] = link.probe(args.probe_seconds)
+                for i, probed in enumerate(stats["probe"]):
+                    print(f"splitlit.link: client {i} probe: {_probe_text(probed)}", flush=True)
+            print(f"splitlit.link: running: {shlex.join(command)}", flush=True)
+            stats["link"] = link.describe()
+            before = link.counters()
+            try:
+                result = run_two_hosts(link, command, grace=args.grace)
+            finally:
+                after = link.counters()
+                stats["counters"] = {r: {k: after[r][k] - before[r][k] for k in after[r]} for r in after}
+    except Interrupted as err:
+        print(f"splitlit.link: interrupted by {err}; every rank stopped and the links removed.", file=sys.stderr)
+        return 128 + err.signum
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if args.stats:
+            stats.update(exit={"client": result.client, "server": result.server}, seconds=round(result.seconds, 3),
+                         note=result.note)
+            args.stats.parent.mkdir(parents=True, exist_ok=True)
+            args.stats.write_text(json.dumps(stats, indent=1) + "\n")
+    print(f"splitlit.link: clients exited {result.client}, server exited {result.server} in {result.seconds:.1f} s",
+          file=sys.stderr if result.returncode else sys.stdout, flush=True)
+    return result.returncode
 
 
 def _settings_text(spec: LinkSpec) -> str:

@@ -47,12 +47,12 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-def with_trainer_args(command: list[str]) -> list[str]:
-    """A LightningCLI command gets ``--trainer.num_nodes 2 --trainer.devices 1``; other commands are unchanged."""
+def with_trainer_args(command: list[str], hosts: int = 2) -> list[str]:
+    """A LightningCLI command gets ``--trainer.num_nodes <hosts> --trainer.devices 1``; others are unchanged."""
     if not any(arg in CLI_SUBCOMMANDS for arg in command) or any(
             a.startswith(("--trainer.num_nodes", "--trainer.devices")) for a in command):
         return command
-    return [*command, "--trainer.num_nodes", "2", "--trainer.devices", "1"]
+    return [*command, "--trainer.num_nodes", str(hosts), "--trainer.devices", "1"]
 
 
 def run_two_hosts(link: ShapedLink, command: list[str], *, grace: float = 900.0, out: TextIO | None = None,
@@ -71,12 +71,13 @@ def run_two_hosts(link: ShapedLink, command: list[str], *, grace: float = 900.0,
     start = time.monotonic()
     procs: dict[str, subprocess.Popen] = {}
     pumps = []
+    roles = getattr(link, "roles", ROLES)  # a StarLink: every client and the server
     try:
-        for role in ROLES:  # both started before any thread: the pre-exec step runs in a single-threaded parent
+        for role in roles:  # all started before any thread: the pre-exec step runs in a single-threaded parent
             procs[role] = subprocess.Popen(link.exec_prefix(role) + command, env=link.env(role, env),
                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                            errors="replace", start_new_session=True, preexec_fn=_die_with_parent)
-        for role in ROLES:
+        for role in roles:
             pump = threading.Thread(target=_pump, args=(procs[role].stdout, f"[{role}] ", out), daemon=True)
             pump.start()
             pumps.append(pump)
@@ -101,7 +102,8 @@ def run_two_hosts(link: ShapedLink, command: list[str], *, grace: float = 900.0,
     finally:
         for pump in pumps:
             pump.join(5)
-        result.client = procs["client"].returncode if "client" in procs else None
+        clients = [procs[r].returncode for r in roles if r != "server" and r in procs]
+        result.client = next((code for code in clients if code), clients[0] if clients else None)
         result.server = procs["server"].returncode if "server" in procs else None
         result.seconds = time.monotonic() - start
     return result

@@ -21,7 +21,7 @@ __all__ = ["NS_PREFIX", "check_requirements", "in_netns", "interface_bytes", "re
            "run"]
 
 NS_PREFIX = "splitlit-link-"
-_NS_PATTERN = re.compile(rf"^{re.escape(NS_PREFIX)}(\d+)-\d+-(client|server)$")
+_NS_PATTERN = re.compile(rf"^{re.escape(NS_PREFIX)}(\d+)-\d+-(client\d*|server)$")
 _CLONE_NEWNET = 0x40000000
 
 

@@ -64,6 +64,7 @@ def main() -> None:
     p.add_argument("--uneven", action="store_true")
     p.add_argument("--reference", action="store_true")
     p.add_argument("--devices", type=int, default=None, help="processes (default clients + 1)")
+    p.add_argument("--hosts", action="store_true", help="num_nodes=clients + 1, devices=1 (splitlit.link --clients)")
     p.add_argument("--kill-rank", type=int, default=None, help="this rank dies (os._exit) at --kill-step")
     p.add_argument("--kill-step", type=int, default=1)
     p.add_argument("--timeout", type=float, default=60.0)
@@ -83,8 +84,10 @@ def main() -> None:
     else:
         strategy = SplitPipelineStrategy(chunks=args.chunks, clients=args.clients, paradigm=args.paradigm,
                                          timeout=args.timeout)
-        trainer = L.Trainer(devices=args.devices or args.clients + 1, strategy=strategy, **common)
-        mine = int(os.environ.get("LOCAL_RANK", 0))  # Lightning's launcher: this process's rank
+        hosts = dict(num_nodes=args.clients + 1, devices=1) if args.hosts else dict(devices=args.devices or
+                                                                                       args.clients + 1)
+        trainer = L.Trainer(strategy=strategy, **hosts, **common)
+        mine = int(os.environ.get("NODE_RANK" if args.hosts else "LOCAL_RANK", 0))  # this process's rank
         train = DataLoader(per_client[mine] if mine < args.clients else [], batch_size=None)
         trainer.fit(model, train, val_loader(args.batch_size))
         rank = trainer.global_rank

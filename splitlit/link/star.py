@@ -1,0 +1,141 @@
+"""Many clients on one machine: a namespace per client, each joined to the server's by a link of its own rate.
+
+    with StarLink([LinkSpec(bandwidth_bps=10**8), LinkSpec(bandwidth_bps=10**7)]) as link:   # a slow client 1
+        subprocess.run(link.exec_prefix("client1") + ["python", "..."], env=link.env("client1"))
+
+Client ``i``'s link is a veth pair between its namespace (``sl-client``, 10.78.i.1) and the server's
+(``sl-c<i>``, 10.78.i.2), shaped by ``tc tbf`` at each end (the client's end at its up rate, the server's at its
+down rate). The server's namespace forwards between the links, so what the clients send each other (SplitFed's
+averaging, sequential's hand-offs) crosses both clients' links, as it would cross their access links. Rates
+only: delay, jitter and loss are the two-host delay line's (:class:`~splitlit.link.shaped.ShapedLink`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import signal
+from types import SimpleNamespace
+from typing import Any
+
+from splitlit.link.errors import LinkError
+from splitlit.link.netns import NS_PREFIX, check_requirements, remove_netns, remove_stale_links, run
+from splitlit.link.probe import probe_rates
+from splitlit.link.shaped import LINK_ENV, STOP_SIGNALS
+from splitlit.link.spec import LinkSpec
+
+__all__ = ["StarLink"]
+
+_counter = itertools.count()
+CLIENT_IF = "sl-client"
+
+
+class StarLink:
+    """``len(specs)`` clients and a server, each client on a link of its own (see the module docstring)."""
+
+    def __init__(self, specs: list[LinkSpec], *, port: int = 29500) -> None:
+        if len(specs) > 250:
+            raise LinkError(f"--clients {len(specs)}: at most 250 client links.")
+        for i, spec in enumerate(specs):
+            if spec.mode != "tbf":
+                raise LinkError(f"client {i}'s link asks for a delay, jitter or loss: with --clients the links are "
+                                f"shaped by rate only (tc tbf). Leave out --delay, --jitter and --loss.")
+        self.specs = specs
+        self.port = port
+        self.roles = [f"client{i}" for i in range(len(specs))] + ["server"]
+        stem = f"{NS_PREFIX}{os.getpid()}-{next(_counter)}"
+        self.netns = {role: f"{stem}-{role}" for role in self.roles}
+        self._made: list[str] = []
+
+    @staticmethod
+    def addr(client: int, role: str) -> str:
+        return f"10.78.{client}.{1 if role == 'client' else 2}"
+
+    def server_if(self, client: int) -> str:
+        return f"sl-c{client}"
+
+    def __enter__(self) -> StarLink:
+        check_requirements()
+        remove_stale_links()
+        try:
+            self._create()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _create(self) -> None:
+        server = self.netns["server"]
+        for role in self.roles:
+            run(["ip", "netns", "add", self.netns[role]], f"creating network namespace {self.netns[role]}")
+            self._made.append(self.netns[role])
+            run(["ip", "-n", self.netns[role], "link", "set", "lo", "up"], f"bringing up lo in {self.netns[role]}")
+        run(["ip", "netns", "exec", server, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"],
+            "letting the server's namespace forward between the client links")
+        for i, spec in enumerate(self.specs):
+            client = self.netns[f"client{i}"]
+            run(["ip", "link", "add", CLIENT_IF, "netns", client, "mtu", str(spec.mtu), "type", "veth", "peer", "name",
+                 self.server_if(i), "netns", server, "mtu", str(spec.mtu)], f"creating client {i}'s veth pair")
+            for ns, dev, role, rate in ((client, CLIENT_IF, "client", spec.up_bps),
+                                        (server, self.server_if(i), "server", spec.down_bps)):
+                run(["ip", "-n", ns, "addr", "add", f"{self.addr(i, role)}/30", "dev", dev], f"addressing {dev}")
+                run(["ip", "-n", ns, "link", "set", dev, "up"], f"bringing up {dev}")
+                run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "tbf", "rate", f"{rate}bit",
+                     "burst", str(spec.burst), "latency", f"{spec.queue_s * 1e3:g}ms"], f"shaping {dev} with tbf")
+            run(["ip", "-n", client, "route", "add", "10.78.0.0/16", "via", self.addr(i, "server")],
+                f"routing client {i} to the others through the server")
+
+    def close(self) -> None:
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for name in reversed(self._made):
+                remove_netns(name)
+            self._made = []
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    def exec_prefix(self, role: str) -> list[str]:
+        return ["ip", "netns", "exec", self.netns[role]]
+
+    def env(self, role: str, base: dict[str, str] | None = None) -> dict[str, str]:
+        """Rank ``i`` for client ``i``, the last rank for the server; the store is on client 0."""
+        env = dict(os.environ if base is None else base)
+        for key in ("RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_ID"):
+            env.pop(key, None)
+        rank = self.roles.index(role)
+        env.update({"MASTER_ADDR": self.addr(0, "client"), "MASTER_PORT": str(self.port), "NODE_RANK": str(rank),
+                    "LOCAL_RANK": "0", "WORLD_SIZE": str(len(self.roles)),
+                    "GLOO_SOCKET_IFNAME": CLIENT_IF if role != "server" else self.server_if(0),
+                    LINK_ENV: json.dumps(self.describe())})
+        return env
+
+    def describe(self) -> dict[str, Any]:
+        return {"clients": [spec.describe() for spec in self.specs],
+                "emulated": "a network namespace per client, each joined to the server's by a veth pair shaped by "
+                            "tc tbf; the server's namespace forwards between the client links"}
+
+    def link_of(self, client: int) -> Any:
+        """Client ``client``'s link as a two-host link (``spec``, ``netns``), for :mod:`splitlit.link.probe`."""
+        spec = dataclasses.replace(self.specs[client], client_addr=self.addr(client, "client"),
+                                   server_addr=self.addr(client, "server"))
+        return SimpleNamespace(spec=spec, netns={"client": self.netns[f"client{client}"],
+                                                 "server": self.netns["server"]})
+
+    def probe(self, seconds: float = 1.0, tries: int = 3) -> list[dict[str, float]]:
+        """Each client link's measured rates (``up_mbit``, ``down_mbit``), one link at a time."""
+        return [probe_rates(self.link_of(i), seconds, tries) for i in range(len(self.specs))]
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Bytes each client's link carried so far, as its own end counts them."""
+        out = {}
+        for i in range(len(self.specs)):
+            text = run(["ip", "-n", self.netns[f"client{i}"], "-s", "-j", "link", "show", "dev", CLIENT_IF],
+                       f"reading client {i}'s counters")
+            stats = json.loads(text)[0]["stats64"]
+            out[f"client{i}"] = {"rx_bytes": int(stats["rx"]["bytes"]), "tx_bytes": int(stats["tx"]["bytes"])}
+        return out
