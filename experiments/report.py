@@ -21,7 +21,9 @@ Writes into ``--out``:
   the group (e.g. the 10, 20, 40, 80-epoch runs of ``experiments.sweep``), the best epoch marked (figures 1-4).
   A setting run with several seeds is drawn as the mean over seeds with a band of ± 1 sample standard deviation
   (over the epochs every seed reached), its best epoch the first maximum of the mean, labelled mean ± std and n.
-  Epochs are counted from 1 here (``summary.json``'s ``*_best_epoch`` is Lightning's 0-based epoch).
+  Epochs are counted from 1 here (``summary.json``'s ``*_best_epoch`` is Lightning's 0-based epoch). The
+  clients of a many-client job (``SplitPipelineStrategy(clients=N)``, one run folder per client) pool like seeds,
+  so each paradigm and client count is one line: accuracy against rounds, in aggregate over the clients.
 
 It prints which runs it used, and stops with an error naming the run and the missing figure when a run lacks
 one it needs. Each PNG is 800 x 500 pixels.
@@ -49,7 +51,9 @@ FIGURE_PIXELS = (FIGURE_SIZE[0] * FIGURE_DPI, FIGURE_SIZE[1] * FIGURE_DPI)
 CURVE_METRICS = ("val/mcc", "val/acc")
 # Run-config keys that differ between the seeds of one setting (or name one run), ignored by setting(); a dotted
 # key is one inside a section (CoLA's training order has its own seed, data.seed).
-PER_RUN_KEYS = ("name", "command", "seed_everything", "data.seed")
+# The clients of one many-client job ("client": each is a run of its own) pool the same way: a row or a curve of
+# such a job is the mean over its clients (and seeds), with the spread across them.
+PER_RUN_KEYS = ("name", "command", "seed_everything", "data.seed", "client")
 
 # table column -> (summary key, scale, Markdown format)
 TABLE = {

@@ -167,3 +167,11 @@ def test_sweep_refuses_a_malformed_seed_list(capsys):
     with pytest.raises(SystemExit):
         sweep.main(["--experiment", "experiments.cola_roberta", "--epochs", "3", "--seeds", "4-0", "--dry-run"])
     assert "argument --seeds: --seeds '4-0': the range '4-0' runs backwards" in capsys.readouterr().err
+
+
+def test_the_clients_of_one_job_pool_into_one_setting():
+    """A many-client job's per-client runs (same config but "client") are one setting; paradigms stay apart."""
+    base = {"group": "g", "paradigm": "splitfed", "clients": 2, "name": "job"}
+    runs = [report.Run(f"job/client{c}", "fixture", {**base, "client": c}, {}, pd.DataFrame()) for c in (0, 1)]
+    other = report.Run("seq/client0", "fixture", {**base, "paradigm": "sequential", "client": 0}, {}, pd.DataFrame())
+    assert [len(s) for s in report.by_setting([*runs, other])] == [2, 1]
