@@ -83,7 +83,7 @@ class LeakageMonitor(Callback):
 
     def __init__(self, every_n_steps: int = 8, max_samples: int = 32,
                  attacks: Sequence[str] = ("label_auc", "dcor"), public_images: PublicImages | None = None,
-                 public_head: nn.Module | None = None, recon_steps: int = 200,
+                 public_head: nn.Module | None = None, recon_steps: int = 150,
                  image_mean: Sequence[float] | None = IMAGENET_MEAN,
                  image_std: Sequence[float] | None = IMAGENET_STD) -> None:
         for name, value, low in (("every_n_steps", every_n_steps, 1), ("max_samples", max_samples, 2),
@@ -115,7 +115,7 @@ class LeakageMonitor(Callback):
     def _reset(self) -> None:
         self._inputs: list[tuple[Tensor, ...]] = []
         self._sent: list[tuple[Tensor, ...]] = []
-        self._grads: dict[int, Tensor] = {}
+        self._grads: dict[int, list[Tensor]] = {}
         self._waiting: set[int] = set()  # micro-batches whose down-cut gradient is still to come
         self._head_calls = self._tail_calls = self._tail_rows = 0
         self._seconds = 0.0
@@ -171,22 +171,29 @@ class LeakageMonitor(Callback):
     def _watch_gradient(self, module: Any, args: tuple) -> None:
         if not self._armed or not torch.is_grad_enabled():
             return
-        first = next((t for t in args if isinstance(t, Tensor) and t.is_floating_point() and t.requires_grad), None)
-        if first is None or first.is_meta:
+        sent_back = [t for t in args if isinstance(t, Tensor) and t.is_floating_point() and t.requires_grad]
+        if not sent_back or sent_back[0].is_meta:
             return
         index, offset = self._tail_calls, self._tail_rows
-        self._tail_calls, self._tail_rows = index + 1, offset + first.shape[0]
+        self._tail_calls, self._tail_rows = index + 1, offset + sent_back[0].shape[0]
         if offset >= self.max_samples:
             return
+        # Backward order may differ from forward order: each gradient is keyed by micro-batch and position.
+        parts: list[Tensor | None] = [None] * len(sent_back)
+        self._grads[index] = parts  # type: ignore[assignment]
         self._waiting.add(index)
 
-        def keep(grad: Tensor) -> None:  # backward order may differ from forward order: keyed by micro-batch
-            start = time.perf_counter()
-            self._grads[index] = grad.detach()[: self.max_samples - offset].clone()
-            self._waiting.discard(index)
-            self._seconds += time.perf_counter() - start
+        def keeper(j: int) -> Any:
+            def keep(grad: Tensor) -> None:
+                start = time.perf_counter()
+                parts[j] = grad.detach()[: self.max_samples - offset].clone()
+                if all(p is not None for p in parts):
+                    self._waiting.discard(index)
+                self._seconds += time.perf_counter() - start
+            return keep
 
-        first.register_hook(keep)
+        for j, t in enumerate(sent_back):
+            t.register_hook(keeper(j))
 
     # -- each step ------------------------------------------------------------------------------------------------
     @override
@@ -205,13 +212,15 @@ class LeakageMonitor(Callback):
         start = time.perf_counter()
         labels = _labels(batch)
         n = min(self.max_samples, len(labels))
-        grads = [self._grads[k] for k in sorted(self._grads)]
         # One head and one tail call per micro-batch, covering the batch, every gradient back: else (the first
         # split step also runs the stages to infer shapes) this step is not scored and the next one is.
         if self._head_calls != self._tail_calls or self._tail_rows != len(labels) or self._waiting:
             self._reset()
             return
         self._armed = False
+        # The server decodes the gradients it receives through the down cut's wire codec, if any.
+        grads = [per_sample(*received_view(tuple(self._grads[k]), self._plan, cut="down", kind="gradient"))
+                 for k in sorted(self._grads)]
         metrics = self._score(labels[:n], grads, n)
         metrics["leak/seconds"] = self._seconds + time.perf_counter() - start
         self.history.append({"step": float(trainer.global_step), **metrics})
@@ -225,8 +234,7 @@ class LeakageMonitor(Callback):
         received = received_view(sent, self._plan, cut="up", kind="activation")
         metrics: dict[str, float] = {}
         if "label_auc" in self.attacks and grads:
-            g = torch.cat(grads)[:n]
-            g = received_view((g,), self._plan, cut="down", kind="gradient")[0]
+            g = torch.cat(grads)[:n]  # the gradients of all the tensors the down cut carries, per sample
             metrics["leak/label_auc_norm"] = label_auc_norm(g, labels)
             metrics["leak/label_auc_cosine"] = label_auc_cosine(g, labels)
         if "dcor" in self.attacks:

@@ -58,7 +58,7 @@ def test_a_decoder_on_an_identity_head_reconstructs_with_a_high_psnr():
     """The reconstruction attack trained on public images through an identity head inverts it: PSNR > 25 dB."""
     smooth = lambda n, seed: F.interpolate(torch.rand(n, 3, 4, 4, generator=_gen(seed)), size=16,  # noqa: E731
                                            mode="bilinear", align_corners=False)
-    decoder = train_decoder(nn.Identity(), smooth(256, 0), steps=300, batch_size=32, lr=3e-3)
+    decoder = train_decoder(nn.Identity(), smooth(256, 0), steps=400, batch_size=16, lr=3e-3, width=16)
     private = smooth(32, 1)
     with torch.no_grad():
         psnr, ssim = reconstruction_scores(decoder(private), private)

@@ -13,9 +13,9 @@ from splitlit.leakage.attacks import (ATTACKS, distance_correlation, image_grid,
                                       make_decoder, per_sample, reconstruction_scores, token_candidates,
                                       token_recovery, train_decoder)
 from splitlit.leakage.defences import activation_noise, gradient_noise, nopeek
-from splitlit.leakage.view import down_cut_module, received_view, server_decoded, up_cut_module
+from splitlit.leakage.view import down_cut_module, received_view, server_decoded, simulate_wire, up_cut_module
 
 __all__ = ["ATTACKS", "activation_noise", "distance_correlation", "down_cut_module", "gradient_noise", "image_grid",
            "label_auc_cosine", "label_auc_norm", "make_decoder", "nopeek", "per_sample", "received_view",
-           "reconstruction_scores", "server_decoded", "token_candidates", "token_recovery", "train_decoder",
+           "reconstruction_scores", "server_decoded", "simulate_wire", "token_candidates", "token_recovery", "train_decoder",
            "up_cut_module"]

@@ -134,7 +134,7 @@ def label_auc_cosine(grads: Tensor, labels: Tensor) -> float:
 
 
 # -- reconstruction ------------------------------------------------------------------------------------------------
-def make_decoder(in_channels: int, scale: int, *, width: int = 64, out_channels: int = 3) -> nn.Module:
+def make_decoder(in_channels: int, scale: int, *, width: int = 32, out_channels: int = 3) -> nn.Module:
     """The server's decoder from a [C, H/s, W/s] activation to a [3, H, W] image: two 3x3 convs at the
     activation's resolution and a pixel shuffle up by ``scale`` (cheap: it works at the small resolution)."""
     if scale < 1:
@@ -144,8 +144,8 @@ def make_decoder(in_channels: int, scale: int, *, width: int = 64, out_channels:
                          nn.Conv2d(width, out_channels * scale * scale, 3, padding=1), nn.PixelShuffle(scale))
 
 
-def train_decoder(public_head: nn.Module, public_images: Tensor, *, steps: int = 200, batch_size: int = 32,
-                  lr: float = 2e-3, seed: int = 0) -> nn.Module:
+def train_decoder(public_head: nn.Module, public_images: Tensor, *, steps: int = 150, batch_size: int = 16,
+                  lr: float = 2e-3, width: int = 32, seed: int = 0) -> nn.Module:
     """The reconstruction attack's training: a decoder from the public head's outputs back to the public images.
 
     The "model inversion" attack of He, Zhang and Lee, "Model inversion attacks against collaborative inference"
@@ -161,7 +161,7 @@ def train_decoder(public_head: nn.Module, public_images: Tensor, *, steps: int =
     scale = public_images.shape[-1] // probe.shape[-1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        decoder = make_decoder(probe.shape[1], scale, out_channels=public_images.shape[1])
+        decoder = make_decoder(probe.shape[1], scale, width=width, out_channels=public_images.shape[1])
     opt = torch.optim.Adam(decoder.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from splitlit.split import Split, as_tuple
 from splitlit.wire import WirePlan
 
-__all__ = ["down_cut_module", "received_view", "server_decoded", "up_cut_module"]
+__all__ = ["down_cut_module", "received_view", "server_decoded", "simulate_wire", "up_cut_module"]
 
 
 def up_cut_module(split: Split) -> nn.Module:
@@ -59,3 +59,38 @@ def server_decoded(split: Split, received: tuple[Tensor, ...]) -> Tensor | None:
         return None
     out: Any = split.up.decoder(*received)
     return as_tuple(out)[0]
+
+
+def simulate_wire(split: Split, plan: WirePlan | dict | None) -> list:
+    """Unsplit, apply the wire codecs as the transport would: hooks on the modules at the cuts (returns them).
+
+    The receiver computes on the decoded tensor and the sender's backward uses the gradient the receiver sent
+    (itself through the wire), so each activation goes through a straight-through round trip
+    (``x + (decode(encode(x)) - x).detach()``) and each gradient through a plain one. The simulation mode of
+    :class:`callbacks.LeakageMonitor` and ``experiments.bench_leakage`` use it to study a wire codec in one process.
+    """
+    plan = WirePlan.parse(plan)
+
+    def straight_through(values: Any, cut: str) -> Any:
+        out = tuple(t + (_round_trip(t.detach(), plan, cut, "activation") - t.detach())
+                    if isinstance(t, Tensor) and t.is_floating_point() else t for t in as_tuple(values))
+        return out if isinstance(values, tuple) else out[0]
+
+    def grads_through(values: Any, cut: str) -> None:
+        if torch.is_grad_enabled() and plan.get(cut, "gradient") is not None:
+            for t in as_tuple(values):
+                if isinstance(t, Tensor) and t.is_floating_point() and t.requires_grad:
+                    t.register_hook(lambda g: _round_trip(g, plan, cut, "gradient"))
+
+    def up_sent(module: Any, args: tuple, output: Any) -> Any:
+        output = straight_through(output, "up") if plan.get("up", "activation") is not None else output
+        grads_through(output, "up")  # the up cut's gradient comes back from the server through the wire
+        return output
+
+    def down_received(module: Any, args: tuple) -> Any:
+        args = straight_through(args, "down") if plan.get("down", "activation") is not None else args
+        grads_through(args, "down")  # the client's gradient goes back to the server through the wire
+        return args
+
+    return [up_cut_module(split).register_forward_hook(up_sent),
+            down_cut_module(split).register_forward_pre_hook(down_received)]
