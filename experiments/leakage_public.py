@@ -25,11 +25,11 @@ class PublicCIFAR10:
     Args:
         data_dir: folder holding ``cifar-10-batches-py``.
         first / count: the held-apart slice [first, first + count) of the 50,000 training images.
-        image_size: side after resizing (the client's ``--data.image_size``).
+        image_size: side after resizing; ``None`` (default): the client's ``--data.image_size``, read at set-up.
     """
 
     def __init__(self, data_dir: str = "../shared/data/cifar10", first: int = 45_000, count: int = 1024,
-                 image_size: int = 96) -> None:
+                 image_size: int | None = None) -> None:
         if not 0 <= first or count < 1 or first + count > CIFAR10_TRAIN:
             raise ValueError(f"PublicCIFAR10(first={first}, count={count}): the slice must lie within the "
                              f"{CIFAR10_TRAIN:,} training images, e.g. first=45000, count=1024.")
@@ -38,15 +38,18 @@ class PublicCIFAR10:
     def images(self) -> Tensor:
         from experiments.cifar10_mobilenet import CIFAR10DataModule
 
-        dm = CIFAR10DataModule(self.data_dir, image_size=self.image_size, download=False)
+        dm = CIFAR10DataModule(self.data_dir, image_size=self.image_size or 96, download=False)
         data = dm._dataset(train=False)  # the evaluation transform: no random flip
         data = type(data)(str(Path(self.data_dir)), train=True, transform=data.transform)
         return torch.stack([data[i][0] for i in range(self.first, self.first + self.count)])
 
     def check_disjoint(self, trainer: Trainer) -> None:
-        """Refuse a slice that overlaps the client's training images (the first ``train_subset`` of them)."""
-        datamodule = trainer.datamodule
+        """Refuse a slice that overlaps the client's training images (the first ``train_subset`` of them), and
+        take the client's image size when none was given."""
+        datamodule = getattr(trainer, "datamodule", None)
         hparams = getattr(datamodule, "hparams", {})
+        if self.image_size is None and "image_size" in hparams:
+            self.image_size = hparams["image_size"]
         train = hparams.get("train_subset") or CIFAR10_TRAIN if "train_subset" in hparams else None
         if train is None:
             return  # not the CIFAR-10 data module: the user vouches for the split

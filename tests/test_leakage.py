@@ -225,3 +225,33 @@ def test_on_two_ranks_the_monitor_logs_on_the_client_only_and_the_link_carries_t
         assert plain["sent"] == monitored["sent"] and plain["received"] == monitored["received"]
         assert plain["ledger"] == monitored["ledger"]
         assert plain["sent"]["total"] > 0
+
+
+# -- presets -------------------------------------------------------------------------------------------------------
+def test_the_leakage_presets_compose_with_the_small_presets(monkeypatch):
+    """cifar10_small + leakage_cifar10 + defences_cifar10 and cola_small + leakage_cola build their Trainer with the
+    monitor (its attacks, its public images) and the defences, through the CLI, without training."""
+    from experiments.cifar10_mobilenet import CIFAR10DataModule, MobileNetV2Classifier
+    from experiments.cli import CONFIG_DIR, SplitCLI
+    from experiments.cola_data import CoLADataModule
+    from experiments.cola_roberta import CoLAClassifier
+    from tests.test_cola import TINY, TOKENIZER
+
+    monkeypatch.chdir(REPO)
+    configs = lambda *names: [a for n in names for a in ("--config", str(CONFIG_DIR / n))]  # noqa: E731
+    cli = SplitCLI(MobileNetV2Classifier, CIFAR10DataModule, run=False, save_config_callback=None,
+                   args=[*configs("cifar10_small.yaml", "leakage_cifar10.yaml", "defences_cifar10.yaml"),
+                         "--trainer.logger", "false", "--model.pretrained", "null"],
+                   parser_kwargs={"default_config_files": [str(CONFIG_DIR / "cifar10_mobilenet.yaml")]})
+    monitor = next(c for c in cli.trainer.callbacks if isinstance(c, LeakageMonitor))
+    defences = next(c for c in cli.trainer.callbacks if isinstance(c, Defences))
+    assert monitor.attacks == ("label_auc", "dcor", "recon") and isinstance(monitor.public_images, PublicCIFAR10)
+    assert monitor.public_images.first + monitor.public_images.count == 50_000
+    assert (defences.nopeek, defences.activation_noise, defences.gradient_noise) == (0.1, 0.1, 1e-4)
+    cli = SplitCLI(CoLAClassifier, CoLADataModule, run=False, save_config_callback=None,
+                   args=[*configs("cola_small.yaml", "leakage_cola.yaml"), "--trainer.logger", "false",
+                         "--model.model_name_or_path", TOKENIZER, "--model.pretrained", "false",
+                         "--model.config_overrides", json.dumps(TINY)],
+                   parser_kwargs={"default_config_files": [str(CONFIG_DIR / "cola_roberta.yaml")]})
+    monitor = next(c for c in cli.trainer.callbacks if isinstance(c, LeakageMonitor))
+    assert monitor.attacks == ("label_auc", "dcor", "tokens")

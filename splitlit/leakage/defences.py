@@ -38,13 +38,16 @@ def _replace(value: Any, index: list[int], new: list[Tensor]) -> Any:
 
 
 class _AddGradient(torch.autograd.Function):
-    """Identity forward; backward adds ``extra(tensors)`` to the incoming gradients."""
+    """Identity forward; backward adds ``extra(tensors)`` to the incoming gradients.
+
+    The outputs are copies, not views: the next module may work in place (MobileNetV2's ReLU6), which autograd
+    forbids on a view made inside a custom Function."""
 
     @staticmethod
     def forward(ctx: Any, extra: Callable, *tensors: Tensor) -> tuple[Tensor, ...]:
         ctx.extra = extra
         ctx.save_for_backward(*tensors)
-        return tuple(t.view_as(t) for t in tensors)
+        return tuple(t.clone() for t in tensors)
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple:
