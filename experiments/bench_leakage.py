@@ -45,31 +45,20 @@ from splitlit.wire import analytic_link_bytes
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
-# row name -> what it changes: codecs ("report": report_codecs name; "up": an up codec), wire plan, defences.
+# row name -> what it changes: codecs ("report": report_codecs name; "up": an up codec's rank), wire plan, defences.
+_WIRE_AND_DEFENCES: dict[str, dict[str, Any]] = {
+    "wire int8": {"wire": {"up.activation": "int8", "down.gradient": "int8"}},
+    "wire top-k 10%": {"wire": {"up.activation": {"name": "topk", "fraction": 0.1},
+                                "down.gradient": {"name": "topk", "fraction": 0.1}}},
+    "nopeek 0.1": {"defences": {"nopeek": 0.1}},
+    "nopeek 0.5": {"defences": {"nopeek": 0.5}},
+    "noise 0.1 / 1e-4": {"defences": {"activation_noise": 0.1, "gradient_noise": 1e-4}},
+    "noise 0.5 / 1e-3": {"defences": {"activation_noise": 0.5, "gradient_noise": 1e-3}},
+}
 ROWS: dict[str, dict[str, dict[str, Any]]] = {
-    "cifar10": {
-        "none": {},
-        "poweriter3_7": {"report": "poweriter3_7"},
-        "convinsert070": {"report": "convinsert070"},
-        "wire int8": {"wire": {"up.activation": "int8", "down.gradient": "int8"}},
-        "wire top-k 10%": {"wire": {"up.activation": {"name": "topk", "fraction": 0.1},
-                                    "down.gradient": {"name": "topk", "fraction": 0.1}}},
-        "nopeek 0.1": {"defences": {"nopeek": 0.1}},
-        "nopeek 0.5": {"defences": {"nopeek": 0.5}},
-        "noise 0.1 / 1e-4": {"defences": {"activation_noise": 0.1, "gradient_noise": 1e-4}},
-        "noise 0.5 / 1e-3": {"defences": {"activation_noise": 0.5, "gradient_noise": 1e-3}},
-    },
-    "cola": {
-        "none": {},
-        "poweriter16": {"up": 16},
-        "wire int8": {"wire": {"up.activation": "int8", "down.gradient": "int8"}},
-        "wire top-k 10%": {"wire": {"up.activation": {"name": "topk", "fraction": 0.1},
-                                    "down.gradient": {"name": "topk", "fraction": 0.1}}},
-        "nopeek 0.1": {"defences": {"nopeek": 0.1}},
-        "nopeek 0.5": {"defences": {"nopeek": 0.5}},
-        "noise 0.1 / 1e-4": {"defences": {"activation_noise": 0.1, "gradient_noise": 1e-4}},
-        "noise 0.5 / 1e-3": {"defences": {"activation_noise": 0.5, "gradient_noise": 1e-3}},
-    },
+    "cifar10": {"none": {}, "poweriter3_7": {"report": "poweriter3_7"}, "convinsert070": {"report": "convinsert070"},
+                **_WIRE_AND_DEFENCES},
+    "cola": {"none": {}, "poweriter16": {"up": 16}, **_WIRE_AND_DEFENCES},
 }
 COLUMNS = ["task", "row", "compress_rate", "accuracy", "label_auc_norm", "label_auc_cosine", "dcor", "recon_psnr",
            "recon_ssim", "token_recovery", "overhead_pct", "measurements", "seconds"]
