@@ -21,7 +21,7 @@ needs_data = pytest.mark.skipif(not (DATA / "cifar10" / "cifar-10-batches-py").i
 @needs_data
 def test_the_quick_bench_writes_the_trade_off_table(tmp_path, capsys):
     """Three CIFAR-10 rows: JSON and CSV hold a finite compress rate, accuracy, label AUCs, dCor, PSNR/SSIM and
-    overhead for each; int8 on the wire compresses; the markdown table prints one line per row."""
+    overhead for each; int8 on the wire compresses; the markdown table prints one line per row; the report draws it."""
     threads = torch.get_num_threads()
     try:
         results = bench_leakage.main(["--quick", "--tasks", "cifar10", "--only", "none", "wire int8", "nopeek 0.1",
@@ -38,3 +38,11 @@ def test_the_quick_bench_writes_the_trade_off_table(tmp_path, capsys):
     assert len(list(csv.DictReader(open(tmp_path / "leakage.csv")))) == 3
     table = capsys.readouterr().out
     assert table.count("| cifar10 |") >= 3 and "label AUC norm" in table
+    # experiments.report --leakage draws the trade-off from the same file.
+    from PIL import Image
+
+    from experiments.report import FIGURE_PIXELS, write_leakage_report
+
+    written = write_leakage_report(tmp_path / "leakage.json", tmp_path / "report", log=lambda _: None)
+    assert [p.name for p in written] == ["leakage.md", "leakage_cifar10.png"]
+    assert Image.open(written[1]).size == FIGURE_PIXELS
