@@ -1,17 +1,17 @@
 """Leakage benchmark: compression, accuracy and what the server can learn, per codec and defence, in one table.
 
     python -m experiments.bench_leakage                      # both tasks, every row (about 40 min on 2 cores)
-    python -m experiments.bench_leakage --tasks cifar10 --only none nopeek0.5
+    python -m experiments.bench_leakage --tasks cifar10 --only none "nopeek 0.5"
     python -m experiments.bench_leakage --quick              # a minute: tiny data, every row (the test runs it)
 
 For each task (the small CIFAR-10 preset: MobileNetV2 from ImageNet, 96 px, 2,048 training and 512 test
 images, batch 32, one epoch; the small CoLA preset: all-MiniLM-L6-v2, 4,096 training sentences, one epoch at
 lr 1e-4, the whole dev set) and each row (no compression, the report's codecs, wire int8 and top-k, NoPeek at
 two weights, Gaussian noise at two scales), it fine-tunes once with :class:`callbacks.LeakageMonitor` on
-(every 8 steps, 32 samples) and prints one row: the compress rate (bytes crossing both cuts, forward and
-backward, over the same without any codec: :func:`splitlit.wire.analytic_link_bytes`, float tensors only),
-accuracy (CIFAR-10) or MCC (CoLA) on the held-out set after the epoch, the label AUCs (norm, cosine), dCor, PSNR and
-SSIM of the reconstruction (CIFAR-10) or the share of tokens recovered (CoLA), each the mean over the
+(every 16 steps from the first, 32 samples, 8 of them reconstructed) and prints one row: the compress rate
+(bytes crossing both cuts, forward and backward, over the same without any codec:
+:func:`splitlit.wire.analytic_link_bytes`, float tensors only), accuracy (CIFAR-10) or MCC (CoLA) on the
+held-out set after the epoch, the label AUCs (norm, cosine), dCor, PSNR and SSIM of the reconstruction (CIFAR-10) or the share of tokens recovered (CoLA), each the mean over the
 monitor's measurements in the epoch, and the monitor's overhead: its seconds over the training batches' seconds.
 
 Runs are unsplit, in one process ("simulation mode"): the same modules and maths as two ranks (the two-rank
@@ -89,9 +89,9 @@ def _settings(task: str, quick: bool) -> dict[str, Any]:
     if task == "cifar10":
         return dict(image_size=96, train=32 if quick else 2048, val=32 if quick else 512,
                     batch=16 if quick else 32, public=32 if quick else 512, recon_steps=5 if quick else 150,
-                    every=2 if quick else 8)
+                    every=2 if quick else 16)
     return dict(train=64 if quick else 4096, batch=16 if quick else 32, max_length=32 if quick else 64,
-                limit_val=2 if quick else 1.0, every=2 if quick else 8)
+                limit_val=2 if quick else 1.0, every=2 if quick else 16)
 
 
 def _cifar10(row: dict, s: dict) -> tuple[L.LightningModule, L.LightningDataModule, list[Callback], dict]:
