@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -267,7 +268,7 @@ class LeakageMonitor(Callback):
             return
         from torchvision.utils import save_image
 
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder = _run_folder(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         save_image(grid, folder / GRID_FILE)
         for logger in trainer.loggers:
@@ -279,6 +280,16 @@ class LeakageMonitor(Callback):
         for hook in self._hooks:
             hook.remove()
         self._hooks, self._split, self._armed = [], None, False
+
+
+def _run_folder(trainer: Trainer) -> Path:
+    """The first logger's folder (the run folder), else ``default_root_dir``. Not ``trainer.log_dir``: it
+    broadcasts, and only the client runs this."""
+    for logger in trainer.loggers:
+        folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+        if folder:
+            return Path(folder)
+    return Path(trainer.default_root_dir)
 
 
 def _is_client(trainer: Trainer) -> bool:
@@ -300,8 +311,12 @@ def _labels(batch: Any) -> Tensor:
 
 def _public_head(pl_module: LightningModule) -> nn.Module:
     """The head the server can build: the same class and hyperparameters, before any fine-tuning."""
+    accepted = inspect.signature(type(pl_module).__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    # LightningCLI adds entries of its own (``_instantiator``) to the saved hyperparameters.
+    hparams = {k: v for k, v in pl_module.hparams.items() if takes_any or k in accepted}
     try:
-        fresh = type(pl_module)(**dict(pl_module.hparams))
+        fresh = type(pl_module)(**hparams)
     except Exception as err:  # noqa: BLE001 - re-raised with the fix
         raise ValueError(f"LeakageMonitor: cannot rebuild {type(pl_module).__name__} from its hyperparameters for the "
                          f"server's public head ({err}); pass public_head=... explicitly.") from err

@@ -7,7 +7,7 @@
 For each task (the small CIFAR-10 preset: MobileNetV2 from ImageNet, 96 px, 2,048 training and 512 test
 images, batch 32, one epoch; the small CoLA preset: all-MiniLM-L6-v2, 4,096 training sentences, one epoch at
 lr 1e-4, the whole dev set) and each row (no compression, the report's codecs, wire int8 and top-k, NoPeek at
-two weights, Gaussian noise at two scales), it fine-tunes once with :class:`callbacks.LeakageMonitor` on
+three weights, Gaussian noise at two scales), it fine-tunes once with :class:`callbacks.LeakageMonitor` on
 (every 16 steps from the first, 32 samples, 8 of them reconstructed) and prints one row: the compress rate
 (bytes crossing both cuts, forward and backward, over the same without any codec:
 :func:`splitlit.wire.analytic_link_bytes`, float tensors only), accuracy (CIFAR-10) or MCC (CoLA) on the
@@ -17,7 +17,7 @@ monitor's measurements in the epoch, and the monitor's overhead: its seconds ove
 Runs are unsplit, in one process ("simulation mode"): the same modules and maths as two ranks (the two-rank
 tests prove the split gradients equal the unsplit ones), with the wire codecs applied by
 :func:`splitlit.leakage.simulate_wire` exactly as the transport would, which 2 shared CPU cores can afford for
-17 runs. The reconstruction decoder and the attacks' public data: see ``experiments/leakage_public.py``.
+19 runs. The reconstruction decoder and the attacks' public data: see ``experiments/leakage_public.py``.
 Results go to ``--out`` (default ``runs/bench_leakage``): ``leakage.json`` (rewritten after every row, so a bench
 cut short keeps what it finished) and ``leakage.csv``; the markdown table is printed.
 """
@@ -52,6 +52,7 @@ _WIRE_AND_DEFENCES: dict[str, dict[str, Any]] = {
                                 "down.gradient": {"name": "topk", "fraction": 0.1}}},
     "nopeek 0.1": {"defences": {"nopeek": 0.1}},
     "nopeek 0.5": {"defences": {"nopeek": 0.5}},
+    "nopeek 5": {"defences": {"nopeek": 5.0}},  # 0.1 and 0.5 (the paper's range) hardly move dCor in one epoch
     "noise 0.1 / 1e-4": {"defences": {"activation_noise": 0.1, "gradient_noise": 1e-4}},
     "noise 0.5 / 1e-3": {"defences": {"activation_noise": 0.5, "gradient_noise": 1e-3}},
 }

@@ -3,7 +3,8 @@
     python tests/scripts/leakage_fit.py --out DIR [--monitor] [--order zb]
 
 Each rank writes DIR/<tag>.rank<r>.json: the bytes its link meter booked (sent and received, by cut and kind),
-the bytes its transport ledger received outside the pipeline, and the monitor's measurements (none on the server).
+the bytes its transport ledger received outside the pipeline, and the monitor's measurements (none on the server);
+with the monitor, the client writes its reconstruction grid DIR/leak_recon.png.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import torch
@@ -40,12 +42,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
-    callbacks = [LeakageMonitor(every_n_steps=2, max_samples=12, attacks=("label_auc", "dcor"))] if args.monitor \
-        else []
+    # The server's "public" images and head: random ones, enough to run the reconstruction attack end to end.
+    public = SimpleNamespace(images=lambda: torch.randn(32, 3, 16, 16), check_disjoint=lambda trainer: None)
+    callbacks = [LeakageMonitor(every_n_steps=2, max_samples=12, attacks=("label_auc", "dcor", "recon"),
+                                public_images=public, public_head=torch.nn.Conv2d(3, 8, 3, stride=2, padding=1),
+                                recon_steps=3, image_mean=None, image_std=None)] if args.monitor else []
     strategy = SplitPipelineStrategy(chunks=4, order=args.order, timeout=60, wire={"up.activation": "int8"})
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, num_sanity_val_steps=0,
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, callbacks=callbacks)
+                        enable_checkpointing=False, callbacks=callbacks, default_root_dir=args.out)
     trainer.fit(TinyNet(lr=0.05), DataLoader(images(0), batch_size=BATCH), DataLoader(images(1), batch_size=BATCH))
     result = {"sent": link_bytes(strategy.meter, role="sent"), "received": link_bytes(strategy.meter, role="received"),
               "ledger": sum(n for _, n in strategy.ledger.received),
