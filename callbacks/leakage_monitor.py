@@ -58,6 +58,9 @@ class LeakageMonitor(Callback):
     - ``leak/label_auc_norm``: AUC of the labels from the norm of each sample's down-cut gradient (Li et al.
       2022; macro one-vs-rest over classes, in the attacker's better orientation: 0.5 = nothing, 1 = all).
     - ``leak/label_auc_cosine``: the same from the gradients' direction (cosine with one known sample per class).
+    - ``leak/label_auc_norm_logits`` / ``leak/label_auc_cosine_logits``: the same attacks on the gradient of the
+      logits, which a server holding the classifier (a two-part split, no U) would receive: the gap to the two
+      keys above is what the client's tail protects.
     - ``leak/dcor``: distance correlation between the head's inputs and the up-cut activations (NoPeek's measure).
     - ``leak/recon_psnr`` / ``leak/recon_ssim``: PSNR (dB) and SSIM of the (first ``recon_samples``) images the
       server reconstructs with a decoder trained on public images through the public, un-fine-tuned head (attack
@@ -120,6 +123,8 @@ class LeakageMonitor(Callback):
         self._sent: list[tuple[Tensor, ...]] = []
         self._grads: dict[int, list[Tensor]] = {}
         self._waiting: set[int] = set()  # micro-batches whose down-cut gradient is still to come
+        self._logit_grads: dict[int, Tensor] = {}
+        self._offsets: dict[int, int] = {}  # first row of each scored micro-batch
         self._head_calls = self._tail_calls = self._tail_rows = 0
         self._seconds = 0.0
 
@@ -149,7 +154,8 @@ class LeakageMonitor(Callback):
             self._candidates = token_candidates(head)
         self._hooks = [self._split.head.register_forward_pre_hook(self._keep_inputs),
                        up_cut_module(self._split).register_forward_hook(self._keep_sent),
-                       down_cut_module(self._split).register_forward_pre_hook(self._watch_gradient)]
+                       down_cut_module(self._split).register_forward_pre_hook(self._watch_gradient),
+                       self._split.tail.register_forward_hook(self._watch_logits)]
         self.setup_seconds = time.perf_counter() - start
 
     # -- capture --------------------------------------------------------------------------------------------------
@@ -184,6 +190,7 @@ class LeakageMonitor(Callback):
         # Backward order may differ from forward order: each gradient is keyed by micro-batch and position.
         parts: list[Tensor | None] = [None] * len(sent_back)
         self._grads[index] = parts  # type: ignore[assignment]
+        self._offsets[index] = offset
         self._waiting.add(index)
 
         def keeper(j: int) -> Any:
@@ -197,6 +204,18 @@ class LeakageMonitor(Callback):
 
         for j, t in enumerate(sent_back):
             t.register_hook(keeper(j))
+
+    def _watch_logits(self, module: Any, args: tuple, output: Any) -> None:
+        """The gradient of the logits: what a server holding the classifier (no U) would receive."""
+        logits = output[0] if isinstance(output, tuple) else output
+        if not self._armed or not torch.is_grad_enabled() or not isinstance(logits, Tensor) or logits.is_meta \
+                or not logits.requires_grad:
+            return
+        index = self._tail_calls - 1  # the tail's pre-hook above numbered this micro-batch
+        if index not in self._offsets:
+            return
+        offset = self._offsets[index]
+        logits.register_hook(lambda g: self._logit_grads.__setitem__(index, g.detach()[: self.max_samples - offset]))
 
     # -- each step ------------------------------------------------------------------------------------------------
     @override
@@ -225,6 +244,11 @@ class LeakageMonitor(Callback):
         grads = [per_sample(*received_view(tuple(self._grads[k]), self._plan, cut="down", kind="gradient"))
                  for k in sorted(self._grads)]
         metrics = self._score(labels[:n], grads, n)
+        if "label_auc" in self.attacks and sorted(self._logit_grads) == sorted(self._grads):
+            logit_grads = torch.cat([self._logit_grads[k].reshape(len(self._logit_grads[k]), -1)
+                                     for k in sorted(self._logit_grads)])[:n]
+            metrics["leak/label_auc_norm_logits"] = label_auc_norm(logit_grads, labels[:n])
+            metrics["leak/label_auc_cosine_logits"] = label_auc_cosine(logit_grads, labels[:n])
         metrics["leak/seconds"] = self._seconds + time.perf_counter() - start
         self.history.append({"step": float(trainer.global_step), **metrics})
         trainer._logger_connector.log_metrics(metrics)

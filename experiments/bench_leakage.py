@@ -11,8 +11,9 @@ three weights, Gaussian noise at two scales), it fine-tunes once with :class:`ca
 (every 16 steps from the first, 32 samples, 8 of them reconstructed) and prints one row: the compress rate
 (bytes crossing both cuts, forward and backward, over the same without any codec:
 :func:`splitlit.wire.analytic_link_bytes`, float tensors only), accuracy (CIFAR-10) or MCC (CoLA) on the
-held-out set after the epoch, the label AUCs (norm, cosine), dCor, PSNR and SSIM of the reconstruction (CIFAR-10) or the share of tokens recovered (CoLA), each the mean over the
-monitor's measurements in the epoch, and the monitor's overhead: its seconds over the training batches' seconds.
+held-out set after the epoch, the label AUCs (norm, cosine; in the JSON/CSV also at the logits, what a server
+holding the classifier would get), dCor, PSNR and SSIM of the reconstruction (CIFAR-10) or the share of tokens
+recovered (CoLA), each the mean over the monitor's measurements in the epoch, and the monitor's overhead: its seconds over the training batches' seconds.
 
 Runs are unsplit, in one process ("simulation mode"): the same modules and maths as two ranks (the two-rank
 tests prove the split gradients equal the unsplit ones), with the wire codecs applied by
@@ -61,8 +62,9 @@ ROWS: dict[str, dict[str, dict[str, Any]]] = {
                 **_WIRE_AND_DEFENCES},
     "cola": {"none": {}, "poweriter16": {"up": 16}, **_WIRE_AND_DEFENCES},
 }
-COLUMNS = ["task", "row", "compress_rate", "accuracy", "label_auc_norm", "label_auc_cosine", "dcor", "recon_psnr",
-           "recon_ssim", "token_recovery", "overhead_pct", "measurements", "seconds"]
+COLUMNS = ["task", "row", "compress_rate", "accuracy", "label_auc_norm", "label_auc_cosine", "label_auc_norm_logits",
+           "label_auc_cosine_logits", "dcor", "recon_psnr", "recon_ssim", "token_recovery", "overhead_pct",
+           "measurements", "seconds"]
 
 
 class _BatchClock(Callback):
@@ -152,6 +154,8 @@ def run(task: str, name: str, *, quick: bool, out: Path) -> dict[str, Any]:
     return {"task": task, "row": name, "compress_rate": with_codec["total"] / raw["total"],
             "accuracy": float(trainer.callback_metrics.get(info["metric"], math.nan)),
             "label_auc_norm": mean("label_auc_norm"), "label_auc_cosine": mean("label_auc_cosine"),
+            "label_auc_norm_logits": mean("label_auc_norm_logits"),
+            "label_auc_cosine_logits": mean("label_auc_cosine_logits"),
             "dcor": mean("dcor"), "recon_psnr": mean("recon_psnr"), "recon_ssim": mean("recon_ssim"),
             "token_recovery": mean("token_recovery"),
             "overhead_pct": 100 * monitor_s / max(clock.seconds - monitor_s, 1e-9),

@@ -200,7 +200,8 @@ def test_the_monitor_scores_every_attack_unsplit_with_defences_on(tmp_path):
                         callbacks=[Defences(nopeek=0.1, activation_noise=0.01, gradient_noise=1e-4), monitor])
     trainer.fit(_Tiny(), data)
     assert [h["step"] for h in monitor.history] == [1.0, 3.0]
-    keys = {"leak/label_auc_norm", "leak/label_auc_cosine", "leak/dcor", "leak/recon_psnr", "leak/recon_ssim"}
+    keys = {"leak/label_auc_norm", "leak/label_auc_cosine", "leak/dcor", "leak/recon_psnr", "leak/recon_ssim",
+            "leak/label_auc_norm_logits", "leak/label_auc_cosine_logits"}
     for record in monitor.history:
         assert keys <= set(record) and all(math.isfinite(record[k]) for k in keys), record
     assert (tmp_path / "leak_recon.png").is_file()
@@ -218,7 +219,8 @@ def test_on_two_ranks_the_monitor_logs_on_the_client_only_and_the_link_carries_t
     history = read("monitor", 0)["history"]
     assert len(history) >= 2 and read("monitor", 1)["history"] == []
     for record in history:
-        for key in ("leak/label_auc_norm", "leak/label_auc_cosine", "leak/dcor", "leak/recon_psnr"):
+        for key in ("leak/label_auc_norm", "leak/label_auc_cosine", "leak/dcor", "leak/recon_psnr",
+                    "leak/label_auc_norm_logits"):
             assert math.isfinite(record[key]), record
     assert (tmp_path / "leak_recon.png").is_file()
     for rank in (0, 1):
