@@ -35,7 +35,8 @@ def test_the_quick_bench_writes_the_trade_off_table(tmp_path, capsys):
             assert math.isfinite(r[key]), (r["row"], key, r[key])
     assert results[0]["compress_rate"] == 1.0 and results[1]["compress_rate"] < 0.7
     assert json.loads((tmp_path / "leakage.json").read_text()) == results
-    assert len(list(csv.DictReader(open(tmp_path / "leakage.csv")))) == 3
+    with open(tmp_path / "leakage.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
     table = capsys.readouterr().out
     assert table.count("| cifar10 |") >= 3 and "label AUC norm" in table
     # experiments.report --leakage draws the trade-off from the same file.

@@ -130,7 +130,7 @@ def test_gradient_noise_lowers_the_label_auc():
 
 def test_activation_noise_changes_what_is_sent_and_not_the_gradient_path():
     """Noise on the up-cut activations: the body receives them noisy, and the head still gets its gradient."""
-    split, x, y = _toy_split()
+    split, x, _ = _toy_split()
     clean = split.head(x).detach()
     hooks = activation_noise(split, 1.0)
     noisy = split.head(x)

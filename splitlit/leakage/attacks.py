@@ -10,8 +10,6 @@ them every few steps, on the client, where the labels and inputs already are.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -240,7 +238,3 @@ def token_recovery(hidden: Tensor, input_ids: Tensor, attention_mask: Tensor, ca
     guess = (rows @ candidates.T).argmax(dim=1)
     return float((guess == input_ids[keep]).float().mean())
 
-
-def psnr_of_noise(sigma: float) -> float:
-    """PSNR of additive noise of standard deviation ``sigma`` on [0, 1] pixels (for reading the tables)."""
-    return 10 * math.log10(1.0 / sigma**2) if sigma > 0 else float("inf")
