@@ -210,8 +210,9 @@ def test_the_monitor_scores_every_attack_unsplit_with_defences_on(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("order", ["1f1b", "zb"])
 def test_on_two_ranks_the_monitor_logs_on_the_client_only_and_the_link_carries_the_same_bytes(tmp_path, order):
-    """Split fits with and without the monitor (int8 on the up cut's wire): the client logs finite label AUCs, dCor
-    and PSNR and writes its grid, the server nothing, and both ranks' meters and ledgers booked identical bytes."""
+    """Split fits with and without the monitor and all three defences (int8 on the up cut's wire): the client logs
+    finite label AUCs, dCor and PSNR and writes its grid, the server nothing, and both ranks' meters and ledgers
+    booked identical bytes (neither the monitor nor a defence sends anything)."""
     for flag in ([], ["--monitor"]):
         result = run_fit_script(LEAKAGE_FIT, ["--out", str(tmp_path), "--order", order, *flag], timeout=240)
         assert result.returncode == 0, result.output[-3000:]

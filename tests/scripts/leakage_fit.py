@@ -1,4 +1,4 @@
-"""A split fit of the tiny CNN with or without the LeakageMonitor, recording what the transport carried.
+"""A split fit of the tiny CNN with or without the LeakageMonitor and the Defences, recording what crossed.
 
     python tests/scripts/leakage_fit.py --out DIR [--monitor] [--order zb]
 
@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from callbacks import LeakageMonitor  # noqa: E402
+from callbacks import Defences, LeakageMonitor  # noqa: E402
 from splitlit import SplitPipelineStrategy  # noqa: E402
 from splitlit.wire import link_bytes  # noqa: E402
 from tests.scripts.metrics_fit import TinyNet  # noqa: E402
@@ -46,7 +46,8 @@ def main() -> None:
     public = SimpleNamespace(images=lambda: torch.randn(32, 3, 16, 16), check_disjoint=lambda trainer: None)
     callbacks = [LeakageMonitor(every_n_steps=2, max_samples=12, attacks=("label_auc", "dcor", "recon"),
                                 public_images=public, public_head=torch.nn.Conv2d(3, 8, 3, stride=2, padding=1),
-                                recon_steps=3, image_mean=None, image_std=None)] if args.monitor else []
+                                recon_steps=3, image_mean=None, image_std=None),
+                 Defences(nopeek=0.1, activation_noise=0.01, gradient_noise=1e-4)] if args.monitor else []
     strategy = SplitPipelineStrategy(chunks=4, order=args.order, timeout=60, wire={"up.activation": "int8"})
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, num_sanity_val_steps=0,
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
