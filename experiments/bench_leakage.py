@@ -1,6 +1,6 @@
 """Leakage benchmark: compression, accuracy and what the server can learn, per codec and defence, in one table.
 
-    python -m experiments.bench_leakage                      # both tasks, every row (about 40 min on 2 cores)
+    python -m experiments.bench_leakage                      # both tasks, every row (45-60 min on 2 busy cores)
     python -m experiments.bench_leakage --tasks cifar10 --only none "nopeek 0.5"
     python -m experiments.bench_leakage --quick              # a minute: tiny data, every row (the test runs it)
 
