@@ -415,10 +415,11 @@ def _plot_leakage(rows: list[dict[str, Any]], task: str, out: Path) -> Path:
             points = ax.scatter(rate, [r[key] for r in rows], c=accuracy, marker=marker, cmap="viridis")
         for x, r in zip(rate, rows):
             ax.annotate(r["row"], (x, r[keys[0]]), fontsize=5, alpha=0.7)
-        ax.set_xscale("log")
+        ax.set_xlim(0.0, 1.08)
         ax.set_xlabel("compress rate")
         ax.set_title(title, fontsize="small")
-    fig.colorbar(points, ax=axes, label="accuracy %" if task == "cifar10" else "MCC", shrink=0.8)
+    fig.subplots_adjust(left=0.07, right=0.86, wspace=0.35, top=0.86)
+    fig.colorbar(points, cax=fig.add_axes((0.89, 0.15, 0.02, 0.7)), label="accuracy %" if task == "cifar10" else "MCC")
     fig.suptitle(f"{task}: what the server learns against what crosses the link")
     return _save(plt, fig, out / f"leakage_{task}.png")
 
