@@ -39,14 +39,15 @@ from lightning.pytorch import Callback
 
 from callbacks import CodecCalibration, Defences, LeakageMonitor
 from experiments.leakage_public import PublicCIFAR10
-from splitlit.codecs import PowerIteration, report_codecs
+from splitlit.codecs import PowerIteration, make_codec
 from splitlit.leakage import simulate_wire
 from splitlit.wire import analytic_link_bytes
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
-# row name -> what it changes: codecs ("report": report_codecs name; "up": an up codec's rank), wire plan, defences.
+# row name -> what it changes: codecs ("codecs": the report's (up, down) make_codec specs; "up": an up power
+# iteration's rank), wire plan, defences.
 _WIRE_AND_DEFENCES: dict[str, dict[str, Any]] = {
     "wire int8": {"wire": {"up.activation": "int8", "down.gradient": "int8"}},
     "wire top-k 10%": {"wire": {"up.activation": {"name": "topk", "fraction": 0.1},
@@ -58,7 +59,11 @@ _WIRE_AND_DEFENCES: dict[str, dict[str, Any]] = {
     "noise 0.5 / 1e-3": {"defences": {"activation_noise": 0.5, "gradient_noise": 1e-3}},
 }
 ROWS: dict[str, dict[str, dict[str, Any]]] = {
-    "cifar10": {"none": {}, "poweriter3_7": {"report": "poweriter3_7"}, "convinsert070": {"report": "convinsert070"},
+    "cifar10": {"none": {},
+                "poweriter3_7": {"codecs": ({"name": "poweriter", "rank": 3}, {"name": "poweriter", "rank": 7})},
+                "convinsert070": {"codecs": ({"name": "convinsert", "in_channels": 32, "code_channels": 20,
+                                              "kernel_size": 4},
+                                             {"name": "convinsert", "in_channels": 1280, "code_channels": 320})},
                 **_WIRE_AND_DEFENCES},
     "cola": {"none": {}, "poweriter16": {"up": 16}, **_WIRE_AND_DEFENCES},
 }
@@ -100,7 +105,7 @@ def _settings(task: str, quick: bool) -> dict[str, Any]:
 def _cifar10(row: dict, s: dict) -> tuple[L.LightningModule, L.LightningDataModule, list[Callback], dict]:
     from experiments.cifar10_mobilenet import CIFAR10DataModule, MobileNetV2Classifier
 
-    up, down = report_codecs(row["report"]) if "report" in row else (None, None)
+    up, down = (make_codec(**spec) for spec in row["codecs"]) if "codecs" in row else (None, None)
     model = MobileNetV2Classifier(pretrained=str(SHARED / "weights" / "mobilenet_v2-b0353104.pth"),
                                   up_codec=up, down_codec=down)
     data = CIFAR10DataModule(str(SHARED / "cifar10"), batch_size=s["batch"], image_size=s["image_size"],
