@@ -10,7 +10,7 @@ lr 1e-4, the whole dev set) and each row (no compression, the report's codecs, w
 three weights, Gaussian noise at two scales), it fine-tunes once with :class:`callbacks.LeakageMonitor` on
 (every 16 steps from the first, 32 samples, 8 of them reconstructed) and prints one row: the compress rate
 (bytes crossing both cuts, forward and backward, over the same without any codec:
-:func:`splitlit.wire.analytic_link_bytes`, float tensors only), accuracy (CIFAR-10) or MCC (CoLA) on the
+:func:`analytic_link_bytes`, float tensors only), accuracy (CIFAR-10) or MCC (CoLA) on the
 held-out set after the epoch, the label AUCs (norm, cosine; in the JSON/CSV also at the logits, what a server
 holding the classifier would get), dCor, PSNR and SSIM of the reconstruction (CIFAR-10) or the share of tokens
 recovered (CoLA), each the mean over the monitor's measurements in the epoch, and the monitor's overhead: its seconds over the training batches' seconds.
@@ -41,7 +41,11 @@ from callbacks import CodecCalibration, Defences, LeakageMonitor
 from experiments.leakage_public import PublicCIFAR10
 from splitlit.codecs import PowerIteration, make_codec
 from splitlit.leakage import simulate_wire
-from splitlit.wire import analytic_link_bytes
+
+try:  # splitlit.traffic after the layout change (issue 12), splitlit.wire before it; the fallback can go after the merge
+    from splitlit.traffic import analytic_link_bytes
+except ImportError:  # pragma: no cover - the layout before issue 12
+    from splitlit.wire import analytic_link_bytes
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"

@@ -22,8 +22,12 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from callbacks import Defences, LeakageMonitor  # noqa: E402
 from splitlit import SplitPipelineStrategy  # noqa: E402
-from splitlit.wire import link_bytes  # noqa: E402
 from tests.scripts.metrics_fit import TinyNet  # noqa: E402
+
+try:  # splitlit.traffic after the layout change (issue 12), splitlit.wire before it; the fallback can go after the merge
+    from splitlit.traffic import link_bytes
+except ImportError:
+    from splitlit.wire import link_bytes
 
 BATCH, BATCHES = 16, 6
 
