@@ -25,6 +25,9 @@ Writes into ``--out``:
   clients of a many-client job (``SplitPipelineStrategy(clients=N)``, one run folder per client) pool like seeds,
   so each paradigm and client count is one line: accuracy against rounds, in aggregate over the clients.
 
+- with ``--leakage runs/bench_leakage/leakage.json``: ``leakage.md`` and ``leakage_<task>.png``, the
+  compression / leakage / accuracy trade-off (:func:`write_leakage_report`).
+
 It prints which runs it used, and stops with an error naming the run and the missing figure when a run lacks
 one it needs. Each PNG is 800 x 500 pixels.
 """
@@ -354,8 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="reports", help="where to write the table and figures")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read finished runs from W&B's API instead")
     parser.add_argument("--group", help="only the runs of this group (W&B group / run.json group)")
+    parser.add_argument("--leakage", metavar="JSON", help="also the leakage trade-off from experiments.bench_leakage's "
+                        "leakage.json (alone when no run folder is given)")
     args = parser.parse_args(argv)
     try:
+        if args.leakage:
+            write_leakage_report(Path(args.leakage), Path(args.out))
+            if not args.runs and not args.wandb:
+                return 0
         runs = load_wandb_runs(args.wandb, args.group) if args.wandb else load_runs(args.runs or ["runs"])
         if args.group:
             runs = [r for r in runs if r.group == args.group]
@@ -364,6 +373,59 @@ def main(argv: list[str] | None = None) -> int:
         print(f"experiments.report: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+
+# -- the leakage trade-off (experiments.bench_leakage) ---------------------------------------------------------------
+LEAKAGE_PANELS = (("label AUC (norm / cosine)", ("label_auc_norm", "label_auc_cosine")), ("dCor", ("dcor",)))
+
+
+def write_leakage_report(results_file: Path, out: Path, *, log=print) -> list[Path]:
+    """The compression / leakage / accuracy trade-off from ``experiments.bench_leakage``'s ``leakage.json``.
+
+    Writes ``leakage.md`` (the bench's table) and, per task, ``leakage_<task>.png``: label AUC (norm: circles,
+    cosine: crosses), dCor, and PSNR (CIFAR-10) or the share of tokens recovered (CoLA) against the compress rate,
+    one point per row, coloured by accuracy (CIFAR-10, %) or MCC (CoLA) and labelled with the row's name.
+    """
+    from experiments.bench_leakage import table
+
+    if not results_file.is_file():
+        raise ReportError(f"--leakage {results_file}: no such file; run python -m experiments.bench_leakage first "
+                          f"(it writes runs/bench_leakage/leakage.json).")
+    results = json.loads(results_file.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "leakage.md"]
+    written[0].write_text(table(results) + "\n")
+    for task in sorted({r["task"] for r in results}):
+        written.append(_plot_leakage([r for r in results if r["task"] == task], task, out))
+    for path in written:
+        log(f"wrote {path}")
+    return written
+
+
+def _plot_leakage(rows: list[dict[str, Any]], task: str, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    input_panel = ("PSNR of the reconstruction (dB)", ("recon_psnr",)) if task == "cifar10" else \
+        ("tokens recovered", ("token_recovery",))
+    fig, axes = plt.subplots(1, 3, figsize=FIGURE_SIZE, dpi=FIGURE_DPI)
+    rate = [r["compress_rate"] for r in rows]
+    accuracy = [100 * r["accuracy"] if task == "cifar10" else r["accuracy"] for r in rows]
+    for ax, (title, keys) in zip(axes, (*LEAKAGE_PANELS, input_panel)):
+        for key, marker in zip(keys, ("o", "x")):
+            points = ax.scatter(rate, [r[key] for r in rows], c=accuracy, marker=marker, cmap="viridis")
+        for x, r in zip(rate, rows):
+            ax.annotate(r["row"], (x, r[keys[0]]), fontsize=5, alpha=0.7)
+        ax.set_xlim(0.0, 1.08)
+        ax.set_xlabel("compress rate")
+        ax.set_title(title, fontsize="small")
+    fig.subplots_adjust(left=0.07, right=0.86, wspace=0.35, top=0.86)
+    fig.colorbar(points, cax=fig.add_axes((0.89, 0.15, 0.02, 0.7)), label="accuracy %" if task == "cifar10" else "MCC")
+    fig.suptitle(f"{task}: what the server learns against what crosses the link")
+    return _save(plt, fig, out / f"leakage_{task}.png")
 
 
 if __name__ == "__main__":
