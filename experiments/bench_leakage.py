@@ -42,10 +42,7 @@ from experiments.leakage_public import PublicCIFAR10
 from splitlit.codecs import PowerIteration, make_codec
 from splitlit.leakage import simulate_wire
 
-try:  # splitlit.traffic after the layout change (issue 12), splitlit.wire before it; the fallback can go after the merge
-    from splitlit.traffic import analytic_link_bytes
-except ImportError:  # pragma: no cover - the layout before issue 12
-    from splitlit.wire import analytic_link_bytes
+from splitlit.traffic import analytic_link_bytes
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"

@@ -24,10 +24,7 @@ from callbacks import Defences, LeakageMonitor  # noqa: E402
 from splitlit import SplitPipelineStrategy  # noqa: E402
 from tests.scripts.metrics_fit import TinyNet  # noqa: E402
 
-try:  # splitlit.traffic after the layout change (issue 12), splitlit.wire before it; the fallback can go after the merge
-    from splitlit.traffic import link_bytes
-except ImportError:
-    from splitlit.wire import link_bytes
+from splitlit.traffic import link_bytes
 
 BATCH, BATCHES = 16, 6
 
