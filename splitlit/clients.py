@@ -12,8 +12,9 @@ The server serves one client step at a time, round-robin over the clients that s
 (a round is one epoch: every client runs through its own shard once). Paradigms:
 
 * ``"sequential"``: vanilla split learning (Gupta & Raskar, "Distributed learning of deep neural network over
-  multiple agents", J. Netw. Comput. Appl. 2018). One body; the clients take turns, one batch each, and the next
-  client starts from the previous client's head and tail, handed client to client (never through the server).
+  multiple agents", J. Netw. Comput. Appl. 2018). One body; the clients take turns, one batch each (or one whole
+  round each: ``turn="epoch"``), and the next client starts from the previous client's head and tail, handed
+  client to client (never through the server).
 * ``"splitfed"``: SplitFed v1 (Thapa et al., "SplitFed: When Federated Learning Meets Split Learning", AAAI 2022).
   The server keeps one body per client and averages them at the end of each round; the clients average their
   heads and tails among themselves (FedAvg, weighted by their numbers of samples).
@@ -31,18 +32,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["PARADIGMS", "BodySlots", "Federation", "fedavg_", "services"]
+__all__ = ["PARADIGMS", "TURNS", "BodySlots", "Federation", "fedavg_", "services"]
 
 log = logging.getLogger(__name__)
 
 PARADIGMS = ("sequential", "splitfed", "splitfed2")
+TURNS = ("batch", "epoch")
 
 
-def services(lengths: Sequence[int]) -> list[int]:
-    """The clients in the order the server serves their steps: round-robin over those with batches left.
+def services(lengths: Sequence[int], turn: str = "batch") -> list[int]:
+    """The clients in the order the server serves their steps: round-robin over those with batches left
+    (``turn="batch"``), or each client's whole round in turn (``turn="epoch"``).
 
     ``lengths[i]`` is client ``i``'s number of steps; client ``i`` appears ``lengths[i]`` times.
     """
+    if turn == "epoch":
+        return [client for client, length in enumerate(lengths) for _ in range(length)]
     order: list[int] = []
     for step in range(max(lengths, default=0)):
         order += [client for client, length in enumerate(lengths) if length > step]
@@ -55,9 +60,10 @@ class Federation:
     Every rank must create it, at the same point, since each process group is created by all ranks.
     """
 
-    def __init__(self, *, clients: int, paradigm: str, rank: int, timeout: float) -> None:
+    def __init__(self, *, clients: int, paradigm: str, rank: int, timeout: float, turn: str = "batch") -> None:
         self.clients = clients
         self.paradigm = paradigm
+        self.turn = turn
         self.rank = rank
         self.server_rank = clients
         self.links = [dist.new_group([client, self.server_rank], timeout=timedelta(seconds=timeout))

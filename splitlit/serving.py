@@ -95,7 +95,7 @@ class ManyClients(Callback):
         limit = self._limits.setdefault(prefix, getattr(trainer, f"limit_{prefix}_batches"))
         steps = [int(_parse_num_batches(stage, n, limit)) for n, _ in rows[:clients]]
         self.steps[prefix] = steps
-        self.served[prefix] = services(steps)
+        self.served[prefix] = services(steps, self.federation.turn if prefix == "train" else "batch")
         if prefix == "val":  # the sanity check runs min(num_sanity_val_steps, steps) of each client
             sanity = self._limits.setdefault("sanity", trainer.num_sanity_val_steps)
             self.served["sanity"] = services([int(min(sanity, n)) for n in steps])

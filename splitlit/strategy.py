@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from splitlit.checkpoints import SplitCheckpoints, check_share
-from splitlit.clients import PARADIGMS, Federation
+from splitlit.clients import PARADIGMS, TURNS, Federation
 from splitlit.following import BROADCAST, DECIDE, follow_client_resume, lead_or_follow
 from splitlit.microbatch import _head_inputs, _LogsPerBatch, _returning, _slice_batch
 from splitlit.pipeline import PeerLostError, SplitPipeline, link_errors
@@ -81,6 +81,8 @@ class SplitPipelineStrategy(SplitCheckpoints, DDPStrategy):
         paradigm: with many clients, ``"splitfed"`` (SplitFed v1: a body per client, averaged each round),
             ``"splitfed2"`` (one body updated client after client) or ``"sequential"`` (vanilla split learning:
             the clients take turns and hand their head and tail on). A round is an epoch.
+        turn: sequential's turns: ``"batch"`` (each client one batch, round-robin) or ``"epoch"`` (each client its
+            whole round, then the next).
         process_group_backend: ``"gloo"`` by default (CPU, or a CPU client with a GPU server);
             ``"nccl"`` when both ranks are on CUDA.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (cluster environment,
@@ -96,7 +98,7 @@ class SplitPipelineStrategy(SplitCheckpoints, DDPStrategy):
     def __init__(self, chunks: int = 1, order: str = "1f1b", timeout: float = 300.0,
                  process_group_backend: str | None = "gloo",
                  wire: dict[str, str | dict[str, Any]] | None = None, setup_timeout: float = 3600.0,
-                 clients: int = 1, paradigm: str = "splitfed", **kwargs: Any) -> None:
+                 clients: int = 1, paradigm: str = "splitfed", turn: str = "batch", **kwargs: Any) -> None:
         if not isinstance(chunks, int) or chunks < 1:
             raise ValueError(f"SplitPipelineStrategy(chunks={chunks!r}): chunks must be a positive integer "
                              f"(micro-batches per batch), e.g. 1, 4 or 8.")
@@ -105,6 +107,10 @@ class SplitPipelineStrategy(SplitCheckpoints, DDPStrategy):
                              f"a positive integer; the job then runs clients + 1 processes.")
         if paradigm not in PARADIGMS:
             raise ValueError(f"SplitPipelineStrategy(paradigm={paradigm!r}): choose one of {PARADIGMS}.")
+        if turn not in TURNS or (turn == "epoch" and paradigm != "sequential"):
+            raise ValueError(f"SplitPipelineStrategy(turn={turn!r}, paradigm={paradigm!r}): turn is one of {TURNS}, "
+                             f"and 'epoch' (one client's whole round at a time) is for paradigm='sequential' (SplitFed's "
+                             f"clients train in parallel).")
         if order not in ORDERS:
             raise ValueError(f"SplitPipelineStrategy(order={order!r}): choose one of {ORDERS}.")
         if not timeout or timeout <= 0:
@@ -120,6 +126,7 @@ class SplitPipelineStrategy(SplitCheckpoints, DDPStrategy):
         self.order = order
         self.clients = clients
         self.paradigm = paradigm
+        self.turn = turn
         self.timeout_s = float(timeout)
         self.setup_timeout_s = float(setup_timeout)
         self.meter = LinkMeter()
@@ -202,7 +209,7 @@ class SplitPipelineStrategy(SplitCheckpoints, DDPStrategy):
         self._channel = Channel(self.global_rank, comm, self.ledger)
         if self.many:
             federation = Federation(clients=self.clients, paradigm=self.paradigm, rank=self.global_rank,
-                                    timeout=self.timeout_s)
+                                    timeout=self.timeout_s, turn=self.turn)
             self._many = ManyClients(self, federation)
             links = federation.links
             self._links = ([self._channel.on(links[self.global_rank])] if self.is_client

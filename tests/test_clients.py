@@ -18,6 +18,7 @@ def test_services_round_robin_over_clients_with_batches_left():
     assert services([2, 3, 1]) == [0, 1, 2, 0, 1, 1]
     assert services([1]) == [0]
     assert services([0, 2]) == [1, 1]
+    assert services([2, 3, 1], "epoch") == [0, 0, 1, 1, 1, 2]  # sequential's turn="epoch"
 
 
 def test_body_slots_swap_and_average():
@@ -42,6 +43,7 @@ def test_body_slots_swap_and_average():
 @pytest.mark.parametrize("kwargs, match", [
     ({"clients": 0}, r"clients=0.*positive integer"),
     ({"clients": 2, "paradigm": "fedsgd"}, r"paradigm='fedsgd'.*sequential"),
+    ({"clients": 2, "paradigm": "splitfed", "turn": "epoch"}, r"turn='epoch'.*for paradigm='sequential'"),
 ])
 def test_bad_arguments_name_the_value(kwargs, match):
     """Unknown paradigms and client counts fail at construction, naming the value and the choices."""
@@ -61,10 +63,11 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.slow
-def test_sequential_equals_unsplit_in_turn_order(tmp_path):
+@pytest.mark.parametrize("turn", ["batch", "epoch"])
+def test_sequential_equals_unsplit_in_turn_order(tmp_path, turn):
     """Sequential split learning with 3 clients == the unsplit module trained on their batches in turn order."""
-    split = _fit(tmp_path, "split", "--clients", "3", "--paradigm", "sequential", "--epochs", "2")
-    ref = _fit(tmp_path, "ref", "--clients", "3", "--reference", "--epochs", "2")["reference"]["state"]
+    split = _fit(tmp_path, "split", "--clients", "3", "--paradigm", "sequential", "--epochs", "2", "--turn", turn)
+    ref = _fit(tmp_path, "ref", "--clients", "3", "--reference", "--epochs", "2", "--turn", turn)["reference"]["state"]
     for rank in ("0", "1", "2", "3"):  # every client ends with the last turn's head and tail; the server's body
         assert _max_diff(split[rank]["state"], ref) < 1e-5, rank
     server = dict(split["3"]["ledger"])

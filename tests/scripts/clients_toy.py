@@ -57,6 +57,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--paradigm", default="sequential")
+    p.add_argument("--turn", default="batch")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--chunks", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
@@ -76,14 +77,14 @@ def main() -> None:
     common = dict(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1, callbacks=callbacks)
     if args.reference:
-        order = services([len(b) for b in per_client])
+        order = services([len(b) for b in per_client], args.turn)
         turns = [per_client[c][sum(1 for d in order[:k] if d == c)] for k, c in enumerate(order)]
         trainer = L.Trainer(devices=1, **common)
         trainer.fit(model, DataLoader(turns, batch_size=None), val_loader(args.batch_size))
         rank = "reference"
     else:
         strategy = SplitPipelineStrategy(chunks=args.chunks, clients=args.clients, paradigm=args.paradigm,
-                                         timeout=args.timeout)
+                                         timeout=args.timeout, turn=args.turn)
         hosts = dict(num_nodes=args.clients + 1, devices=1) if args.hosts else dict(devices=args.devices or
                                                                                        args.clients + 1)
         trainer = L.Trainer(strategy=strategy, **hosts, **common)
