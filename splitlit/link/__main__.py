@@ -14,7 +14,7 @@ from splitlit.link.errors import LinkError
 from splitlit.link.job import Interrupted, JobResult, run_two_hosts, with_trainer_args
 from splitlit.link.netns import check_requirements, remove_stale_links
 from splitlit.link.shaped import STOP_SIGNALS, ShapedLink
-from splitlit.link.spec import ROLES, LinkSpec
+from splitlit.link.spec import LinkSpec
 from splitlit.link.star import StarLink
 from splitlit.link.units import parse_delay, parse_delays, parse_percent, parse_rate, parse_size
 
@@ -121,9 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give the command after --, e.g. --bandwidth 100mbit -- python -m ...")
         if not args.no_trainer_args:
             command = with_trainer_args(command, hosts=args.clients + 1)
-        if args.clients > 1:
-            return _run_star(specs, command, args)
-        return _run_job(specs[0], command, args)
+        link = StarLink(specs, port=args.port) if args.clients > 1 else ShapedLink(specs[0], port=args.port)
+        return _run_job(link, command, args)
     except LinkError as err:
         print(f"splitlit.link: {err}", file=sys.stderr)
         return 2
@@ -140,46 +139,6 @@ def _per_client(args: argparse.Namespace) -> list[argparse.Namespace]:
                             f"{args.clients}), separated by commas.")
         values[name] = parts * args.clients if len(parts) == 1 else parts
     return [argparse.Namespace(**{**vars(args), **{k: v[i] for k, v in values.items()}}) for i in range(args.clients)]
-
-
-def _run_star(specs: list[LinkSpec], command: list[str], args: argparse.Namespace) -> int:
-    """Many clients: every client and the server on hosts of their own, each client on its own link."""
-    def interrupt(signum: int, frame: Any) -> None:
-        raise Interrupted(signum)
-
-    previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}
-    result = JobResult()
-    stats: dict[str, Any] = {"command": command}
-    try:
-        with StarLink(specs, port=args.port) as link:
-            rates = ", ".join(f"client {i}: {_settings_text(spec)}" for i, spec in enumerate(specs))
-            print(f"splitlit.link: {len(specs)} clients ({rates})", flush=True)
-            if args.probe_seconds > 0:
-                stats["probe"] = link.probe(args.probe_seconds)
-                for i, probed in enumerate(stats["probe"]):
-                    print(f"splitlit.link: client {i} probe: {_probe_text(probed)}", flush=True)
-            print(f"splitlit.link: running: {shlex.join(command)}", flush=True)
-            stats["link"] = link.describe()
-            before = link.counters()
-            try:
-                result = run_two_hosts(link, command, grace=args.grace)
-            finally:
-                after = link.counters()
-                stats["counters"] = {r: {k: after[r][k] - before[r][k] for k in after[r]} for r in after}
-    except Interrupted as err:
-        print(f"splitlit.link: interrupted by {err}; every rank stopped and the links removed.", file=sys.stderr)
-        return 128 + err.signum
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if args.stats:
-            stats.update(exit={"client": result.client, "server": result.server}, seconds=round(result.seconds, 3),
-                         note=result.note)
-            args.stats.parent.mkdir(parents=True, exist_ok=True)
-            args.stats.write_text(json.dumps(stats, indent=1) + "\n")
-    print(f"splitlit.link: clients exited {result.client}, server exited {result.server} in {result.seconds:.1f} s",
-          file=sys.stderr if result.returncode else sys.stdout, flush=True)
-    return result.returncode
 
 
 def _settings_text(spec: LinkSpec) -> str:
@@ -212,7 +171,29 @@ def _delayline_text(report: dict[str, Any]) -> str:
             f"{report['wall_s']:.1f} s ({report['cpu_pct_of_one_core']:.1f}% of one core)")
 
 
-def _run_job(spec: LinkSpec, command: list[str], args: argparse.Namespace) -> int:
+def _announce_two(link: ShapedLink, command: list[str], args: argparse.Namespace, stats: dict[str, Any]) -> None:
+    spec = link.spec
+    if args.probe_seconds > 0:
+        probed = link.probe(args.probe_seconds)
+        print(f"splitlit.link: {_settings_text(spec)}; probe: {_probe_text(probed)}", flush=True)
+    else:
+        print(f"splitlit.link: {_settings_text(spec)}; not probed", flush=True)
+    print(f"splitlit.link: client {spec.client_addr} ({link.netns['client']}), server {spec.server_addr} "
+          f"({link.netns['server']}); running: {shlex.join(command)}", flush=True)
+
+
+def _announce_star(link: StarLink, command: list[str], args: argparse.Namespace, stats: dict[str, Any]) -> None:
+    rates = ", ".join(f"client {i}: {_settings_text(spec)}" for i, spec in enumerate(link.specs))
+    print(f"splitlit.link: {len(link.specs)} clients ({rates})", flush=True)
+    if args.probe_seconds > 0:
+        stats["probe"] = link.probe(args.probe_seconds)
+        for i, probed in enumerate(stats["probe"]):
+            print(f"splitlit.link: client {i} probe: {_probe_text(probed)}", flush=True)
+    print(f"splitlit.link: running: {shlex.join(command)}", flush=True)
+
+
+def _run_job(link: ShapedLink | StarLink, command: list[str], args: argparse.Namespace) -> int:
+    """Build the link, say what it is, run the job's hosts over it, write ``--stats``; the exit code is the job's."""
     def interrupt(signum: int, frame: Any) -> None:
         raise Interrupted(signum)
 
@@ -220,26 +201,21 @@ def _run_job(spec: LinkSpec, command: list[str], args: argparse.Namespace) -> in
     result = JobResult()
     stats: dict[str, Any] = {"command": command}
     try:
-        with ShapedLink(spec, port=args.port) as link:
-            if args.probe_seconds > 0:
-                probed = link.probe(args.probe_seconds)
-                print(f"splitlit.link: {_settings_text(spec)}; probe: {_probe_text(probed)}", flush=True)
-            else:
-                print(f"splitlit.link: {_settings_text(spec)}; not probed", flush=True)
-            print(f"splitlit.link: client {spec.client_addr} ({link.netns['client']}), server {spec.server_addr} "
-                  f"({link.netns['server']}); running: {shlex.join(command)}", flush=True)
+        with link:
+            (_announce_star if isinstance(link, StarLink) else _announce_two)(link, command, args, stats)
             stats["link"] = link.describe()
             before = link.counters()
             try:
                 result = run_two_hosts(link, command, grace=args.grace)
             finally:
                 after = link.counters()
-                stats["counters"] = {r: {k: after[r][k] - before[r][k] for k in after[r]} for r in ROLES}
-        if link.delayline_report:
-            stats["delayline"] = link.delayline_report
-            print(f"splitlit.link: {_delayline_text(link.delayline_report)}", flush=True)
+                stats["counters"] = {r: {k: after[r][k] - before[r][k] for k in after[r]} for r in after}
+        report = getattr(link, "delayline_report", None)
+        if report:
+            stats["delayline"] = report
+            print(f"splitlit.link: {_delayline_text(report)}", flush=True)
     except Interrupted as err:
-        print(f"splitlit.link: interrupted by {err}; both ranks stopped and the link removed.", file=sys.stderr)
+        print(f"splitlit.link: interrupted by {err}; every rank stopped and the link removed.", file=sys.stderr)
         return 128 + err.signum
     finally:
         for s, handler in previous.items():
@@ -249,7 +225,9 @@ def _run_job(spec: LinkSpec, command: list[str], args: argparse.Namespace) -> in
                          note=result.note)
             args.stats.parent.mkdir(parents=True, exist_ok=True)
             args.stats.write_text(json.dumps(stats, indent=1) + "\n")
-    summary = f"splitlit.link: client exited {result.client}, server exited {result.server} in {result.seconds:.1f} s"
+    clients = "clients" if isinstance(link, StarLink) else "client"
+    summary = (f"splitlit.link: {clients} exited {result.client}, server exited {result.server} in "
+               f"{result.seconds:.1f} s")
     print(summary + (f" ({result.note})" if result.note else ""), file=sys.stderr if result.returncode else sys.stdout,
           flush=True)
     return result.returncode

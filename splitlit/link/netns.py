@@ -17,10 +17,11 @@ from pathlib import Path
 
 from splitlit.link.errors import LinkError
 
-__all__ = ["NS_PREFIX", "check_requirements", "in_netns", "interface_bytes", "remove_netns", "remove_stale_links",
+__all__ = ["NS_PREFIX", "STOP_SIGNALS", "Namespaces", "check_requirements", "host_env", "remove_all", "in_netns", "interface_bytes", "remove_netns", "remove_stale_links",
            "run"]
 
 NS_PREFIX = "splitlit-link-"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _NS_PATTERN = re.compile(rf"^{re.escape(NS_PREFIX)}(\d+)-\d+-(client\d*|server)$")
 _CLONE_NEWNET = 0x40000000
 
@@ -128,3 +129,52 @@ def interface_bytes(ifname: str) -> tuple[int, int]:
             fields = values.split()
             return int(fields[0]), int(fields[8])
     raise LinkError(f"no interface {ifname!r} in this network namespace (is this process on the shaped link?).")
+
+
+def remove_all(names: list[str]) -> None:
+    """Delete the namespaces ``names`` (last made first); a second Ctrl-C waits until the clean-up is done."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        for name in reversed(names):
+            remove_netns(name)
+        names.clear()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def host_env(base: dict[str, str] | None, *, master_addr: str, port: int, node_rank: int, world_size: int,
+             ifname: str, link_env: tuple[str, str]) -> dict[str, str]:
+    """The environment of one host's rank: the multi-host variables, gloo's interface and the link settings."""
+    env = dict(os.environ if base is None else base)
+    for key in ("RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_ID"):
+        env.pop(key, None)  # another cluster environment would take precedence over NODE_RANK
+    env.update({"MASTER_ADDR": master_addr, "MASTER_PORT": str(port), "NODE_RANK": str(node_rank),
+                "LOCAL_RANK": "0", "WORLD_SIZE": str(world_size), "GLOO_SOCKET_IFNAME": ifname,
+                link_env[0]: link_env[1]})
+    return env
+
+
+class Namespaces:
+    """Base of the links: a context manager that builds its namespaces on enter and removes them all on exit (or
+    when building fails half-way). Subclasses give ``_create``, ``close`` and, for the delay line, ``tun``."""
+
+    tun = False
+
+    def __enter__(self):  # noqa: ANN204 - the subclass
+        check_requirements(tun=self.tun)
+        remove_stale_links()  # what a killed launcher left behind (its pid is gone) goes first
+        try:
+            self._create()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _create(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError

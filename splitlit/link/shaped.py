@@ -13,18 +13,17 @@ from typing import Any
 from splitlit.link.delay import DelayQueue
 from splitlit.link.delayline import DelayLine
 from splitlit.link.errors import LinkError
-from splitlit.link.netns import NS_PREFIX, check_requirements, remove_netns, remove_stale_links, run
+from splitlit.link.netns import NS_PREFIX, STOP_SIGNALS, Namespaces, host_env, remove_all, run
 from splitlit.link.probe import ping, probe_rates
 from splitlit.link.spec import DIRECTIONS, ETHERNET_HEADER, IFNAME, NODE_RANK, ROLES, LinkSpec
 
 __all__ = ["LINK_ENV", "STOP_SIGNALS", "ShapedLink"]
 
 LINK_ENV = "SPLITLIT_LINK_JSON"  # read by experiments.cli into the run config
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _counter = itertools.count()
 
 
-class ShapedLink:
+class ShapedLink(Namespaces):
     """Two namespaces joined by an emulated link; a context manager that removes all it made on exit.
 
         with ShapedLink(LinkSpec(bandwidth_bps=100_000_000, delay_s=0.025)) as link:
@@ -46,19 +45,9 @@ class ShapedLink:
         self.delayline_report: dict[str, Any] = {}
         self._made: list[str] = []
 
-    # set-up and tear-down
-    def __enter__(self) -> ShapedLink:
-        check_requirements(tun=self.spec.mode == "delayline")
-        remove_stale_links()  # what a killed launcher left behind (its pid is gone) goes first
-        try:
-            self._create()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    @property
+    def tun(self) -> bool:
+        return self.spec.mode == "delayline"
 
     def _create(self) -> None:
         spec, ns = self.spec, self.netns
@@ -126,11 +115,9 @@ class ShapedLink:
             if self.delayline is not None:
                 self.delayline_report = self.delayline.stop()
                 self.delayline = None
-            for name in reversed(self._made):
-                remove_netns(name)
-            self._made = []
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        remove_all(self._made)
 
     # using it
     def exec_prefix(self, role: str) -> list[str]:
@@ -139,13 +126,8 @@ class ShapedLink:
 
     def env(self, role: str, base: dict[str, str] | None = None) -> dict[str, str]:
         """The environment of ``role``'s rank: the multi-host variables, gloo's interface and the link settings."""
-        env = dict(os.environ if base is None else base)
-        for key in ("RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_ID"):
-            env.pop(key, None)  # another cluster environment would take precedence over NODE_RANK
-        env.update({"MASTER_ADDR": self.spec.client_addr, "MASTER_PORT": str(self.port),
-                    "NODE_RANK": str(NODE_RANK[role]), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
-                    "GLOO_SOCKET_IFNAME": IFNAME[role], LINK_ENV: json.dumps(self.describe())})
-        return env
+        return host_env(base, master_addr=self.spec.client_addr, port=self.port, node_rank=NODE_RANK[role],
+                        world_size=2, ifname=IFNAME[role], link_env=(LINK_ENV, json.dumps(self.describe())))
 
     def describe(self) -> dict[str, Any]:
         settings = self.spec.describe()

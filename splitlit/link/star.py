@@ -16,14 +16,13 @@ import dataclasses
 import itertools
 import json
 import os
-import signal
 from types import SimpleNamespace
 from typing import Any
 
 from splitlit.link.errors import LinkError
-from splitlit.link.netns import NS_PREFIX, check_requirements, remove_netns, remove_stale_links, run
+from splitlit.link.netns import NS_PREFIX, Namespaces, host_env, remove_all, run
 from splitlit.link.probe import probe_rates
-from splitlit.link.shaped import LINK_ENV, STOP_SIGNALS
+from splitlit.link.shaped import LINK_ENV
 from splitlit.link.spec import LinkSpec
 
 __all__ = ["StarLink"]
@@ -32,7 +31,7 @@ _counter = itertools.count()
 CLIENT_IF = "sl-client"
 
 
-class StarLink:
+class StarLink(Namespaces):
     """``len(specs)`` clients and a server, each client on a link of its own (see the module docstring)."""
 
     def __init__(self, specs: list[LinkSpec], *, port: int = 29500) -> None:
@@ -56,19 +55,6 @@ class StarLink:
     def server_if(self, client: int) -> str:
         return f"sl-c{client}"
 
-    def __enter__(self) -> StarLink:
-        check_requirements()
-        remove_stale_links()
-        try:
-            self._create()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def _create(self) -> None:
         server = self.netns["server"]
         for role in self.roles:
@@ -91,28 +77,16 @@ class StarLink:
                 f"routing client {i} to the others through the server")
 
     def close(self) -> None:
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            for name in reversed(self._made):
-                remove_netns(name)
-            self._made = []
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        remove_all(self._made)
 
     def exec_prefix(self, role: str) -> list[str]:
         return ["ip", "netns", "exec", self.netns[role]]
 
     def env(self, role: str, base: dict[str, str] | None = None) -> dict[str, str]:
         """Rank ``i`` for client ``i``, the last rank for the server; the store is on client 0."""
-        env = dict(os.environ if base is None else base)
-        for key in ("RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_ID"):
-            env.pop(key, None)
-        rank = self.roles.index(role)
-        env.update({"MASTER_ADDR": self.addr(0, "client"), "MASTER_PORT": str(self.port), "NODE_RANK": str(rank),
-                    "LOCAL_RANK": "0", "WORLD_SIZE": str(len(self.roles)),
-                    "GLOO_SOCKET_IFNAME": CLIENT_IF if role != "server" else self.server_if(0),
-                    LINK_ENV: json.dumps(self.describe())})
-        return env
+        return host_env(base, master_addr=self.addr(0, "client"), port=self.port, node_rank=self.roles.index(role),
+                        world_size=len(self.roles), ifname=CLIENT_IF if role != "server" else self.server_if(0),
+                        link_env=(LINK_ENV, json.dumps(self.describe())))
 
     def describe(self) -> dict[str, Any]:
         return {"clients": [spec.describe() for spec in self.specs],
