@@ -114,10 +114,10 @@ class SplitPipeline:
         self.ledger = ledger if ledger is not None else Ledger()
         self.wire = WirePlan.parse(wire)
         self.group = group
-        self.peer = "server" if rank == CLIENT_RANK else "client"
-        if group is not None:  # name the peer by its global rank in errors: there are many clients
+        self.peer: str | None = None  # two ranks: link_errors names them; many clients: by global rank
+        if group is not None:
             other = dist.get_global_rank(group, SERVER_RANK if rank == CLIENT_RANK else CLIENT_RANK)
-            self.peer = f"{self.peer} (rank {other})"
+            self.peer = f"{'server' if rank == CLIENT_RANK else 'client'} (rank {other})"
         self._client_global = CLIENT_RANK if group is None else dist.get_global_rank(group, CLIENT_RANK)
         # gloo carries CPU tensors only: with a GPU rank on gloo (the report's CPU client + GPU server), the
         # stages talk on the CPU and a bridge moves each stage's inputs to the GPU and its outputs back.

@@ -65,12 +65,12 @@ def _max_diff(a: dict, b: dict) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("turn", ["batch", "epoch"])
 def test_sequential_equals_unsplit_in_turn_order(tmp_path, turn):
-    """Sequential split learning with 3 clients == the unsplit module trained on their batches in turn order."""
-    split = _fit(tmp_path, "split", "--clients", "3", "--paradigm", "sequential", "--epochs", "2", "--turn", turn)
-    ref = _fit(tmp_path, "ref", "--clients", "3", "--reference", "--epochs", "2", "--turn", turn)["reference"]["state"]
-    for rank in ("0", "1", "2", "3"):  # every client ends with the last turn's head and tail; the server's body
+    """Sequential split learning with 2 clients == the unsplit module trained on their batches in turn order."""
+    split = _fit(tmp_path, "split", "--clients", "2", "--paradigm", "sequential", "--epochs", "2", "--turn", turn)
+    ref = _fit(tmp_path, "ref", "--clients", "2", "--reference", "--epochs", "2", "--turn", turn)["reference"]["state"]
+    for rank in ("0", "1", "2"):  # every client ends with the last turn's head and tail; the server's body
         assert _max_diff(split[rank]["state"], ref) < 1e-5, rank
-    server = dict(split["3"]["ledger"])
+    server = dict(split["2"]["ledger"])
     assert "client part (sequential)" not in server and "initial client part" not in server
     assert set(server) <= {"decision", "decision (size)", "server weights", "server weights (size)", "loader length",
                            "header", "stage metadata"}, server
@@ -79,15 +79,15 @@ def test_sequential_equals_unsplit_in_turn_order(tmp_path, turn):
 @pytest.mark.slow
 def test_splitfed_of_identical_clients_equals_one_client(tmp_path):
     """SplitFed v1 with two clients on identical shards == the two-rank split of one client (FedAvg of equals)."""
-    many = _fit(tmp_path, "many", "--clients", "2", "--paradigm", "splitfed", "--identical")
-    one = _fit(tmp_path, "one", "--clients", "1", "--identical")
+    many = _fit(tmp_path, "many", "--clients", "2", "--paradigm", "splitfed", "--identical", "--epochs", "1")
+    one = _fit(tmp_path, "one", "--clients", "1", "--identical", "--epochs", "1")
     whole = {**one["0"]["state"], **one["1"]["state"]}
     for rank in ("0", "1", "2"):
         assert _max_diff(many[rank]["state"], whole) < 1e-6, rank
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("paradigm", ["splitfed", "splitfed2"])
+@pytest.mark.parametrize("paradigm", ["splitfed2"])  # v1's weighted body average: test_body_slots_swap_and_average
 def test_uneven_shards_end_rounds_with_one_client_model(tmp_path, paradigm):
     """With shards of 1, 2 and 3 batches every client ends each round with the same averaged head and tail."""
     runs = _fit(tmp_path, paradigm, "--clients", "3", "--paradigm", paradigm, "--uneven")
@@ -96,14 +96,6 @@ def test_uneven_shards_end_rounds_with_one_client_model(tmp_path, paradigm):
     clients = {what for rank in ("0", "1", "2") for what, _ in runs[rank]["ledger"]}
     assert "client part (sequential)" not in clients  # SplitFed averages; nothing is handed client to client
     assert not {what for what, _ in runs["3"]["ledger"]} & {"initial client part"}
-
-
-@pytest.mark.slow
-def test_wrong_world_size_is_named(tmp_path):
-    """clients=2 on 2 processes fails with the process count it needs and how to get it."""
-    result = run_fit_script(SCRIPT, ["--out", str(tmp_path), "--clients", "2", "--devices", "2"], timeout=120)
-    assert result.returncode != 0
-    assert "clients + 1 = 3 processes" in result.output and "devices=3" in result.output
 
 
 @pytest.mark.slow

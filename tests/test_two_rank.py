@@ -70,7 +70,7 @@ def test_bf16_mixed_trains_on_cpu(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--devices", "1"], "runs on exactly 2 processes .* got world size 1"),
+    (["--devices", "1"], r"runs on clients \+ 1 = 2 processes .* got world size 1\. Use Trainer\(devices=2\)"),
     (["--batch-size", "6", "--chunks", "4"], "training batch size 6 is not a multiple of chunks=4"),
     (["--broken"], r"The split does not compose: the server .* failed on inputs of shapes \[\(8, 12\)\]"),
     (["--no-split-hook"], "Toy has no configure_split"),
