@@ -105,3 +105,17 @@ def test_a_dead_client_stops_the_job_and_is_named(tmp_path):
                                      "--kill-rank", "1", "--kill-step", "2", "--timeout", "45"], timeout=200)
     assert result.returncode != 0
     assert "The client (rank 1) stopped answering" in result.output, result.output[-4000:]
+
+
+@pytest.mark.slow
+def test_a_stopped_job_resumes_every_client_and_body_exactly(tmp_path):
+    """SplitFed v1 on uneven shards: one round, checkpoint, resume to two == two rounds straight (each client's part
+    and the server's bodies come back from the clients' files)."""
+    common = ["--clients", "2", "--paradigm", "splitfed", "--uneven"]
+    straight = _fit(tmp_path, "straight", *common, "--epochs", "2")
+    _fit(tmp_path, "first", *common, "--epochs", "1", "--ckpt", str(tmp_path / "ckpt"))
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "client1").glob("*.ckpt")) == ["epoch=0-step=1.ckpt",
+                                                                                    "last.ckpt"]
+    resumed = _fit(tmp_path, "resumed", *common, "--epochs", "2", "--ckpt", str(tmp_path / "ckpt"), "--resume")
+    for rank in ("0", "1", "2"):
+        assert _max_diff(resumed[rank]["state"], straight[rank]["state"]) == 0.0, rank

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -69,12 +70,17 @@ def main() -> None:
     p.add_argument("--kill-rank", type=int, default=None, help="this rank dies (os._exit) at --kill-step")
     p.add_argument("--kill-step", type=int, default=1)
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--ckpt", type=Path, default=None, help="checkpoint each round into DIR/client<i>")
+    p.add_argument("--resume", action="store_true", help="fit(ckpt_path='last') from --ckpt")
     args = p.parse_args()
     L.seed_everything(0, verbose=False)
     model = SGDToy()
     per_client = shards(args.clients, args.batch_size, identical=args.identical, uneven=args.uneven)
     callbacks = [KillAt(args.kill_rank, args.kill_step)] if args.kill_rank is not None else []
-    common = dict(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
+    rank_env = int(os.environ.get("NODE_RANK" if args.hosts else "LOCAL_RANK", 0))
+    if args.ckpt is not None:
+        callbacks.append(ModelCheckpoint(dirpath=args.ckpt / f"client{rank_env}", save_last=True))
+    common = dict(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=args.ckpt is not None,
                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1, callbacks=callbacks)
     if args.reference:
         order = services([len(b) for b in per_client], args.turn)
@@ -90,7 +96,7 @@ def main() -> None:
         trainer = L.Trainer(strategy=strategy, **hosts, **common)
         mine = int(os.environ.get("NODE_RANK" if args.hosts else "LOCAL_RANK", 0))  # this process's rank
         train = DataLoader(per_client[mine] if mine < args.clients else [], batch_size=None)
-        trainer.fit(model, train, val_loader(args.batch_size))
+        trainer.fit(model, train, val_loader(args.batch_size), ckpt_path="last" if args.resume else None)
         rank = trainer.global_rank
     args.out.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items() if not v.is_meta}
