@@ -6,7 +6,7 @@ group of their own for combining their parts (the server is not in it, so it nev
 
     federation = Federation(clients=4, paradigm="splitfed", rank=dist.get_rank())
     federation.links[i]         # the process group of client i and the server
-    federation.services(lens)   # the order in which the server serves the clients' steps
+    services(lengths)           # the order in which the server serves the clients' steps
 
 The server serves one client step at a time, round-robin over the clients that still have a batch in the round
 (a round is one epoch: every client runs through its own shard once). Paradigms:
@@ -75,12 +75,6 @@ class Federation:
     @property
     def is_client(self) -> bool:
         return self.rank != self.server_rank
-
-    @property
-    def link(self) -> dist.ProcessGroup:
-        """This client's link to the server."""
-        assert self.is_client, "the server has one link per client: use links[client]"
-        return self.links[self.rank]
 
 
 def fedavg_(tensors: Sequence[Tensor], *, weight: float, group: dist.ProcessGroup) -> int:
