@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from experiments.cifar10_mobilenet import (IMAGENET_MEAN, IMAGENET_STD, REPORT_ROWS, LocalCIFAR10, MobileNetV2Classifier,
                                           report_codecs)
-from experiments.stats import format_difference, format_mean, over_seeds, paired_seeds_argument
+from experiments.stats import format_difference, format_mean, over_seeds, paired_seeds_argument, verdict
 from splitlit.calibration import calibrate
 from splitlit.traffic import analytic_link_bytes
 
@@ -168,6 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "with the same thread count: another count sums in another order, and 2 epochs amplify it")
     p.add_argument("--json", type=Path, default=Path("runs/bench_codecs.json"),
                    help="where to write every row with its per-seed values (rewritten after each run)")
+    p.add_argument("--figure", type=Path, default=None,
+                   help="also draw each row's paired difference to none with its 95%% interval (PNG)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                    help="no runs: the table of the rows in these --json files (rows run in parallel processes with "
                         "--only, same settings), each paired with none over the seeds both have")
@@ -181,6 +183,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.merge:
         results = _merge(args.merge)
         print(_table(results))
+        if args.figure:
+            print(f"wrote {figure(results, args.figure)}", file=sys.stderr)
         _write_json(args, sorted({s for r in results for s in r["seeds"]}), results)
         return results
     seeds = args.seeds or [args.seed]
@@ -204,6 +208,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             _write_json(args, seeds, _rows(per_seed))
     results = _rows(per_seed)
     print(_table(results), flush=True)
+    if args.figure:
+        print(f"wrote {figure(results, args.figure)}", file=sys.stderr)
     print(f"wrote {args.json}", file=sys.stderr)
     return results
 
@@ -256,7 +262,7 @@ _PER_INVOCATION = ("seed", "seeds", "only", "skip", "default_only", "json", "mer
 
 def _table(results: list[dict]) -> str:
     header = (f"| {'codec':<14}| {'initialisation':<24}| {'acc % (mean ± std)':>18} | {'n':>2} | "
-              f"{'Δ acc, paired [95% CI]':>22} | {'rate':>6} | {'rate@224':>8} | {'up B/chunk':>11} | "
+              f"{'Δ acc, paired [95% CI]':>22} | {'vs none':>16} | {'rate':>6} | {'rate@224':>8} | {'up B/chunk':>11} | "
               f"{'down B/chunk':>12} | {'err up':>6} | {'err down':>8} | {'err tail':>8} | {'calib s':>7} | {'s':>5} |")
     rule = "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"
     return "\n".join([header, rule, *map(_table_line, results)])
@@ -265,9 +271,40 @@ def _table(results: list[dict]) -> str:
 def _table_line(r: dict) -> str:
     err = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
     return (f"| {r['codec']:<14}| {r['initialisation']:<24}| {format_mean(r['acc']):>18} | {r['acc']['n']:>2} | "
-            f"{format_difference(r['acc']):>22} | {r['rate']:6.4f} | {r['rate224']:8.4f} | {r['up']:11,} | "
+            f"{format_difference(r['acc']):>22} | {verdict(r['acc']) if r['codec'] != 'none' else '-':>16} | {r['rate']:6.4f} | {r['rate224']:8.4f} | {r['up']:11,} | "
             f"{r['down']:12,} | {err(r['err_up']):>6} | {err(r['err_down']):>8} | {err(r['err_tail']):>8} | "
             f"{r['calib_seconds']:7.0f} | {r['seconds']:5.0f} |")
+
+
+def figure(results: list[dict], path: Path) -> Path:
+    """Each row's accuracy difference to none, paired by seed, with its 95% interval and the ±1 point band."""
+    from experiments.report import _figure, _save
+
+    rows = [r for r in results if r["codec"] != "none" and r["acc"]["difference"] is not None
+            and r["acc"]["difference"]["low"] is not None]
+    if not rows:
+        raise SystemExit("bench_codecs --figure: no row has a paired interval (run none and a codec over 2+ seeds).")
+    plt, fig, ax = _figure()
+    ax.axvspan(-1, 1, color="0.9")
+    ax.axvline(0, color="0.4", linewidth=0.8)
+    for i, r in enumerate(rows):
+        d = r["acc"]["difference"]
+        ax.errorbar(d["mean"], i, xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o", capsize=4,
+                    color="C0")
+        for value in d["per_seed"].values():
+            ax.plot(value, i, "|", color="C0", alpha=0.5, markersize=10)
+    none = next((r["acc"] for r in results if r["codec"] == "none"), None)
+    ax.set_yticks(range(len(rows)), [f"{r['codec']}\n{r['initialisation']}\n{format_mean(r['acc'])} "
+                                     f"(n={r['acc']['n']}), rate {r['rate224']:.3f}" for r in rows], fontsize="small")
+    ax.invert_yaxis()
+    base = f" (none: {format_mean(none)} %, n={none['n']})" if none else ""
+    ax.set_xlabel(f"test accuracy minus none's on the same seed, points\n{base.strip(' ()')}; grey: ±1 point")
+    fig.suptitle("Codec minus no compression, paired by seed: mean, 95% t interval, each seed |",
+                 fontsize="medium")
+    ax.grid(alpha=0.3, axis="x")
+    fig.subplots_adjust(left=0.34, right=0.97, bottom=0.17)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _save(plt, fig, path)
 
 
 def _write_json(args: argparse.Namespace, seeds: list[int], results: list[dict]) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 __all__ = ["Difference", "Summary", "format_difference", "format_mean", "over_seeds", "paired_difference",
-           "paired_seeds_argument", "parse_seeds", "seeds_argument", "summarize", "t95"]
+           "paired_seeds_argument", "parse_seeds", "seeds_argument", "summarize", "t95", "verdict"]
 
 # t(0.975, df), Student's t: df 1-30, then 40, 60, 120 and the normal limit (scipy.stats.t.ppf, 6 decimals).
 _T975 = {1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445, 5: 2.570582, 6: 2.446912, 7: 2.364624, 8: 2.306004,
@@ -172,6 +172,24 @@ def over_seeds(values: Mapping[int, float], baseline: Mapping[int, float] | None
         row["difference"] = {"mean": delta, "low": None, "high": None, "std": None, "n": 1,
                              "per_seed": {str(seed): delta}}
     return row
+
+
+def verdict(row: dict, margin: float = 1.0) -> str:
+    """What the paired interval of an :func:`over_seeds` row says against ``margin`` points: ``within ±1`` (the
+    whole interval inside ±margin), ``no worse than -1`` (its low end above -margin, its high end above +margin:
+    not inferior, possibly better), ``worse by > 1`` (its high end below -margin), ``better by > 1``, or
+    ``not settled`` (the interval reaches beyond -margin: more seeds needed)."""
+    d = row.get("difference")
+    if d is None or d["low"] is None:
+        return "n/a"
+    m = f"{margin:g}"
+    if -margin <= d["low"] and d["high"] <= margin:
+        return f"within ±{m}"
+    if d["high"] < -margin:
+        return f"worse by > {m}"
+    if d["low"] > margin:
+        return f"better by > {m}"
+    return f"no worse than -{m}" if d["low"] >= -margin else "not settled"
 
 
 def format_mean(row: dict) -> str:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining._utils import _StageBackwardMeta, _StageForwardMeta, _TensorMeta
 
+from splitlit.batchnorm import DeferredBatchNorm
 from splitlit.meter import Compute, LinkMeter
 from splitlit.transport import Ledger, pack, unpack
 from splitlit.wire import WireEndpoint, WirePlan
@@ -57,6 +58,26 @@ class MeteredStage(PipelineStage):
         dist.recv(payload, src=peer, group=self.group)
         self.ledger.book("stage metadata", int(size) + size.element_size())
         return _meta_from_plain(unpack(payload.cpu().numpy().tobytes()))
+
+    # torch infers a stage's output shapes by running it once at a step with new shapes: the first stage on
+    # micro-batch 0, the others on uninitialised placeholders (torch.empty). That run is not a training forward:
+    # BatchNorm would fold garbage into its running statistics and dropout would draw from the random stream. It
+    # runs on copies of the buffers (its graph, used later for the gradients' shapes, keeps them) and a forked
+    # random stream.
+    def _forward_metadata_inference(self, *args, **kwargs) -> Any:
+        originals = [(m, name, b) for m in self.submod.modules() for name, b in m._buffers.items() if b is not None]
+        for module, name, buffer in originals:
+            module._buffers[name] = buffer.clone()
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                return super()._forward_metadata_inference(*args, **kwargs)
+        finally:
+            for module, name, buffer in originals:
+                module._buffers[name] = buffer
+            for module in self.submod.modules():
+                if isinstance(module, DeferredBatchNorm):
+                    module.discard()
 
     def _timed(self, what: str, mb: int, fn, *args, **kwargs) -> Any:
         start = time.perf_counter()

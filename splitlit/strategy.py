@@ -42,6 +42,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from torch import Tensor, nn
 from typing_extensions import override
 
+from splitlit.batchnorm import DeferredBatchNorm, convert_deferred
 from splitlit.checkpoints import SplitCheckpoints, check_share
 from splitlit.clients import PARADIGMS, TURNS, Federation
 from splitlit.following import BROADCAST, DECIDE, follow_client_resume, lead_or_follow
@@ -83,6 +84,8 @@ class SplitPipelineStrategy(SplitCheckpoints, DDPStrategy):
             the clients take turns and hand their head and tail on). A round is an epoch.
         turn: sequential's turns: ``"batch"`` (each client one batch, round-robin) or ``"epoch"`` (each client its
             whole round, then the next).
+        deferred_batchnorm: BatchNorm's running statistics updated once per batch from the whole batch (as
+            torchgpipe's ``deferred_batch_norm``), not once per micro-batch; see :mod:`splitlit.batchnorm`.
         process_group_backend: ``"gloo"`` by default (CPU, or a CPU client with a GPU server);
             ``"nccl"`` when both ranks are on CUDA.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (cluster environment,
@@ -98,7 +101,8 @@ class SplitPipelineStrategy(SplitCheckpoints, DDPStrategy):
     def __init__(self, chunks: int = 1, order: str = "1f1b", timeout: float = 300.0,
                  process_group_backend: str | None = "gloo",
                  wire: dict[str, str | dict[str, Any]] | None = None, setup_timeout: float = 3600.0,
-                 clients: int = 1, paradigm: str = "splitfed", turn: str = "batch", **kwargs: Any) -> None:
+                 clients: int = 1, paradigm: str = "splitfed", turn: str = "batch", deferred_batchnorm: bool = False,
+                 **kwargs: Any) -> None:
         if not isinstance(chunks, int) or chunks < 1:
             raise ValueError(f"SplitPipelineStrategy(chunks={chunks!r}): chunks must be a positive integer "
                              f"(micro-batches per batch), e.g. 1, 4 or 8.")
@@ -127,6 +131,8 @@ class SplitPipelineStrategy(SplitCheckpoints, DDPStrategy):
         self.clients = clients
         self.paradigm = paradigm
         self.turn = turn
+        self.deferred_batchnorm = bool(deferred_batchnorm)
+        self._deferred: list[DeferredBatchNorm] = []
         self.timeout_s = float(timeout)
         self.setup_timeout_s = float(setup_timeout)
         self.meter = LinkMeter()
@@ -229,7 +235,10 @@ class SplitPipelineStrategy(SplitCheckpoints, DDPStrategy):
         assert self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
         module = self.lightning_module
-        # 1. The split, checked before anything moves.
+        # 1. The split, checked before anything moves (BatchNorm first made deferred, if asked: new parameters).
+        if self.deferred_batchnorm:
+            convert_deferred(module)
+            self._deferred = [m for m in module.modules() if isinstance(m, DeferredBatchNorm)]
         self.split = _split_of(module)
         self._check_precision()
         # 2. Each rank keeps real tensors only for its own part; the rest become meta (no memory).
@@ -368,6 +377,7 @@ class SplitPipelineStrategy(SplitCheckpoints, DDPStrategy):
             if not self.is_client:
                 self._serve("train", int(args[0]))
                 self.pipeline.train_step()
+                self._commit_batchnorm()
                 return torch.zeros((), device=self.root_device)  # Lightning steps the optimiser only on a tensor
             batch, batch_idx, rest = args[0], args[1] if len(args) > 1 else 0, args[2:]
             if self._many is not None and self.paradigm == "sequential":
@@ -391,7 +401,13 @@ class SplitPipelineStrategy(SplitCheckpoints, DDPStrategy):
             index = torch.arange(size, device=inputs[0].device)
             with _LogsPerBatch(module):
                 _, losses = self.pipeline.train_step(*inputs, target=index, loss_fn=microbatch_loss)
+            self._commit_batchnorm()
         return torch.stack([loss.detach().float() for loss in losses]).mean()
+
+    def _commit_batchnorm(self) -> None:
+        # Deferred BatchNorm: the running statistics of this rank's layers, once per batch (whole-batch statistics).
+        for bn in self._deferred:
+            bn.commit()
 
     def _client_inputs(self, batch: Any) -> tuple[Tensor, ...]:
         inputs = _head_inputs(self.lightning_module, batch)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from experiments import bench_codecs
+from experiments.report import FIGURE_PIXELS
 
 DATA = Path(bench_codecs.SHARED)
 needs_data = pytest.mark.skipif(not (DATA / "cifar10" / "cifar-10-batches-py").is_dir()
@@ -82,10 +83,14 @@ def test_rows_run_in_parallel_processes_merge_and_pair(tmp_path, capsys):
 
     files = [save("none.json", "none", "-", {0: 70.0, 1: 75.0, 2: 72.0}),
              save("pi.json", "poweriter3_7", "adapt", {0: 69.0, 1: 74.5})]  # seed 2 not finished
-    rows = bench_codecs.main(["--merge", *map(str, files), "--json", str(tmp_path / "all.json")])
+    rows = bench_codecs.main(["--merge", *map(str, files), "--json", str(tmp_path / "all.json"),
+                              "--figure", str(tmp_path / "codecs.png")])
     none, power = (r["acc"] for r in rows)
     assert none["n"] == 3 and power["n"] == 2 and power["difference"]["per_seed"] == {"0": -1.0, "1": -0.5}
-    assert "-0.75 [-3.93, +2.43]" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "-0.75 [-3.93, +2.43]" in out and "not settled" in out  # the interval reaches below -1
+    from PIL import Image
+    assert Image.open(tmp_path / "codecs.png").size == FIGURE_PIXELS
     other = save("other.json", "convinsert097", "adapt", {0: 70.0})
     saved = json.loads(other.read_text())
     saved["settings"]["train"] = 4000

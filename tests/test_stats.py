@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from experiments.stats import paired_difference, parse_seeds, seeds_argument, summarize, t95
+from experiments.stats import over_seeds, paired_difference, parse_seeds, seeds_argument, summarize, t95, verdict
 
 
 def test_summary_on_known_numbers():
@@ -34,6 +34,20 @@ def test_pairing_cancels_the_shared_seed_noise():
     base = {0: 76.8, 1: 77.7, 2: 60.0, 3: 78.2, 4: 77.6}
     d = paired_difference({s: v - 0.5 for s, v in base.items()}, base)
     assert d.mean == pytest.approx(-0.5) and d.high - d.low == pytest.approx(0.0, abs=1e-9) and d.within(1.0)
+
+
+@pytest.mark.parametrize("offsets, expected", [
+    ((-0.5, -0.4, -0.6), "within ±1"),        # tight around -0.5
+    ((2.0, 2.5, 3.0), "better by > 1"),       # interval [+1.26, +3.74]
+    ((0.5, 1.0, 1.5, 2.0), "no worse than -1"),  # [+0.43, +2.07]: not inferior, may be better
+    ((-2.0, -2.5, -3.0), "worse by > 1"),
+    ((-1.0, 1.0, -2.0, 2.0), "not settled"),  # wide: reaches below -1
+])
+def test_verdict_against_one_point(offsets, expected):
+    base = {s: 60.0 + s for s in range(len(offsets))}
+    row = over_seeds({s: v + o for (s, v), o in zip(base.items(), offsets)}, base)
+    assert verdict(row) == expected
+    assert verdict(over_seeds({0: 1.0, 1: 2.0})) == "n/a"  # no baseline, no verdict
 
 
 @pytest.mark.parametrize("df, expected", [(1, 12.706205), (4, 2.776445), (9, 2.262157), (30, 2.042272),

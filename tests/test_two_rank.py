@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import time
@@ -12,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from splitlit.batchnorm import commit_deferred, convert_deferred
 from tests.scripts import toy
 from tests.twoproc import REPO, SHARED_DATA, free_port, run_fit_script, run_two_hosts
 
@@ -212,3 +214,32 @@ def test_a_checkpoint_of_another_model_stops_both_ranks_clearly(tmp_path):
     assert re.search(r"KeyError: .*other.ckpt lacks \d+ of the server's tensors.*written for another model",
                      result.output), result.output[-3000:]
     assert "[rank1]: RuntimeError: the client could not resume from its checkpoint" in result.output
+
+
+def test_deferred_batchnorm_keeps_the_running_statistics_of_the_whole_batch(tmp_path):
+    """With ``deferred_batchnorm``, chunks 4, one step: the head's (client) and the body's (server) running
+    statistics are one update from the whole batch, as the same model run on the four micro-batches in one process
+    with every BatchNorm deferred gives; the head's, whose input is the data, equal plain BatchNorm's on the whole
+    batch. Neither has folded in torch's shape-inference run (the body's runs on uninitialised memory)."""
+    extra = ["--batchnorm", "--steps", "1", "--batch-size", "16"]
+    result = run_fit_script(TOY, ["--out", str(tmp_path / "split"), "--chunks", "4", "--deferred-bn", *extra],
+                            timeout=240)
+    assert result.returncode == 0, result.output
+    client, server = (torch.load(tmp_path / "split" / f"rank{r}.pt")["state"] for r in (0, 1))
+    torch.manual_seed(0)
+    model = toy.Toy(batchnorm=True)
+    x, _ = next(iter(toy.data(16)[0]))
+    plain = copy.deepcopy(model.head).train()
+    plain(x)  # plain BatchNorm on the whole batch
+    assert convert_deferred(model) == 2
+    model.train()
+    for mb in x.chunk(4):
+        model(mb)
+    assert commit_deferred(model) == 2
+    ref = model.state_dict()
+    for part, layer in ((client, "head.2"), (server, "body.4")):
+        assert int(part[f"{layer}.num_batches_tracked"]) == 1
+        for stat in ("running_mean", "running_var"):
+            torch.testing.assert_close(part[f"{layer}.{stat}"], ref[f"{layer}.{stat}"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(client["head.2.running_var"], plain[2].running_var, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(client["head.2.running_mean"], plain[2].running_mean, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,4 @@
-"""A small U-shaped model without BatchNorm, for transparency and failure tests.
+"""A small U-shaped model (BatchNorm only with ``--batchnorm``), for transparency and failure tests.
 
     python tests/scripts/toy.py --out DIR --chunks 4 [--order gpipe] [--steps 4] [--accumulate 2] [--clip 0.05]
 
@@ -29,10 +29,12 @@ from splitlit import Split, SplitPipelineStrategy  # noqa: E402
 class Toy(L.LightningModule):
     """head: Linear+Tanh, body: two Linear+GELU, tail: Linear -> 3 classes."""
 
-    def __init__(self, lr: float = 0.1, broken: bool = False, split_hook: bool = True) -> None:
+    def __init__(self, lr: float = 0.1, broken: bool = False, split_hook: bool = True, batchnorm: bool = False) -> None:
         super().__init__()
-        self.head = nn.Sequential(nn.Linear(6, 12), nn.Tanh())
-        self.body = nn.Sequential(nn.Linear(12 if not broken else 7, 16), nn.GELU(), nn.Linear(16, 10), nn.GELU())
+        norm = (lambda n: nn.BatchNorm1d(n)) if batchnorm else (lambda n: nn.Identity())  # noqa: E731
+        self.head = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), norm(12))
+        self.body = nn.Sequential(nn.Linear(12 if not broken else 7, 16), nn.GELU(), nn.Linear(16, 10), nn.GELU(),
+                                  norm(10))
         self.tail = nn.Linear(10, 3)
         self.lr = lr
         self.first_grads: dict[str, torch.Tensor] | None = None
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--two-hosts", action="store_true", help="num_nodes=2, devices=1 (env from the launcher)")
     p.add_argument("--unsplit", action="store_true")
+    p.add_argument("--batchnorm", action="store_true", help="a BatchNorm1d in the head and one in the body")
+    p.add_argument("--deferred-bn", action="store_true", help="SplitPipelineStrategy(deferred_batchnorm=True)")
     p.add_argument("--broken", action="store_true", help="a body that does not take the head's output")
     p.add_argument("--no-split-hook", action="store_true")
     p.add_argument("--kill-rank", type=int, default=None)
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _fit(args: argparse.Namespace, order: str, out: Path) -> dict:
     L.seed_everything(0, verbose=False)
-    model = Toy(broken=args.broken, split_hook=not args.no_split_hook)
+    model = Toy(broken=args.broken, split_hook=not args.no_split_hook, batchnorm=args.batchnorm)
     if args.fail_call is not None:
         model.body = FailingBody(model.body, args.fail_call)
     train, valid = data(args.batch_size)
@@ -141,7 +145,8 @@ def _fit(args: argparse.Namespace, order: str, out: Path) -> dict:
     if args.unsplit:
         kw = dict(accelerator="cpu", devices=1)
     else:
-        strategy = SplitPipelineStrategy(chunks=args.chunks, order=order, timeout=args.timeout)
+        strategy = SplitPipelineStrategy(chunks=args.chunks, order=order, timeout=args.timeout,
+                                         deferred_batchnorm=args.deferred_bn)
         kw = dict(accelerator="cpu", strategy=strategy,
                   **(dict(num_nodes=2, devices=1) if args.two_hosts else dict(devices=args.devices)))
     trainer = L.Trainer(max_steps=args.steps, accumulate_grad_batches=args.accumulate,
