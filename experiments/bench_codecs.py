@@ -181,11 +181,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.merge:
-        results = _merge(args.merge)
+        results, settings = _merge(args.merge)
         print(_table(results))
         if args.figure:
             print(f"wrote {figure(results, args.figure)}", file=sys.stderr)
-        _write_json(args, sorted({s for r in results for s in r["seeds"]}), results)
+        _write_json(args, sorted({s for r in results for s in r["seeds"]}), results, settings)
         return results
     seeds = args.seeds or [args.seed]
     if args.threads is not None:
@@ -239,8 +239,9 @@ def _row(row: str, label: str, per_seed: dict[int, dict], baseline: dict[int, fl
             "per_seed": {str(s): r for s, r in sorted(per_seed.items())}}
 
 
-def _merge(paths: list[Path]) -> list[dict]:
-    """The rows of several ``--json`` files (rows run in parallel processes, same settings), paired again."""
+def _merge(paths: list[Path]) -> tuple[list[dict], dict]:
+    """The rows of several ``--json`` files (rows run in parallel processes, same settings), paired again, and the
+    settings they share."""
     per_seed: dict[tuple[str, str], dict[int, dict]] = {}
     settings = None
     for path in paths:
@@ -254,7 +255,7 @@ def _merge(paths: list[Path]) -> list[dict]:
         for r in saved["rows"]:
             per_seed.setdefault((r["codec"], r["initialisation"]), {}).update(
                 {int(s): v for s, v in r["per_seed"].items()})
-    return _rows(per_seed)
+    return _rows(per_seed), settings or {}
 
 
 _PER_INVOCATION = ("seed", "seeds", "only", "skip", "default_only", "json", "merge")
@@ -307,8 +308,10 @@ def figure(results: list[dict], path: Path) -> Path:
     return _save(plt, fig, path)
 
 
-def _write_json(args: argparse.Namespace, seeds: list[int], results: list[dict]) -> None:
-    settings = {k: v for k, v in vars(args).items() if k != "argv"}
+def _write_json(args: argparse.Namespace, seeds: list[int], results: list[dict], merged: dict | None = None) -> None:
+    # a merge records the settings its inputs were run with, beside its own invocation
+    settings = {k: v for k, v in vars(args).items() if k != "argv" and (merged is None or k in _PER_INVOCATION)}
+    settings.update(merged or {})
     command = "python -m experiments.bench_codecs " + " ".join(args.argv)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"command": command, "settings": settings, "seeds": seeds, "rows": results},

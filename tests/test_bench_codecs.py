@@ -91,6 +91,7 @@ def test_rows_run_in_parallel_processes_merge_and_pair(tmp_path, capsys):
     assert "-0.75 [-3.93, +2.43]" in out and "not settled" in out  # the interval reaches below -1
     from PIL import Image
     assert Image.open(tmp_path / "codecs.png").size == FIGURE_PIXELS
+    assert json.loads((tmp_path / "all.json").read_text())["settings"]["train"] == 2000  # the runs', not a default
     other = save("other.json", "convinsert097", "adapt", {0: 70.0})
     saved = json.loads(other.read_text())
     saved["settings"]["train"] = 4000
