@@ -186,15 +186,37 @@ def seed_table(table: pd.DataFrame) -> pd.DataFrame:
     """One row per setting of :func:`build_table`'s runs: each figure's mean over the runs that differ only by seed,
     its sample standard deviation in ``<column>_std`` (NaN for a single run), ``n`` and the runs' names."""
     rows = []
-    for _, runs in table.groupby("setting", sort=False):
-        row = {"compress_method": runs["compress_method"].iloc[0]}
+    labels = _option_labels(list(dict.fromkeys(table["setting"])))
+    for key, runs in table.groupby("setting", sort=False):
+        row = {"compress_method": runs["compress_method"].iloc[0], "options": labels.get(key, "")}
         row.update({col: runs[col].mean() for col in TABLE})
         row.update(chunks=int(runs["chunks"].iloc[0]), n=len(runs), run=", ".join(runs["run"]),
                    group=runs["group"].iloc[0])
         row.update({f"{col}_std": runs[col].std(ddof=1) if len(runs) > 1 else math.nan for col in TABLE})
         rows.append(row)
-    columns = ["compress_method", *TABLE, "chunks", "n", "run", "group", *(f"{col}_std" for col in TABLE)]
+    columns = ["compress_method", "options", *TABLE, "chunks", "n", "run", "group",
+               *(f"{col}_std" for col in TABLE)]
     return pd.DataFrame(rows, columns=columns).sort_values(["compress_method", "chunks"], kind="stable")
+
+
+# Settings that the table shows in columns of their own, or that follow from them.
+_SHOWN = ("chunks", "codec", "codecs", "tags", "split", "group")
+
+
+def _option_labels(settings: list[str]) -> dict[str, str]:
+    """Per setting (:func:`setting`'s text), the options in which the table's settings differ beyond the compress
+    method and the chunks, e.g. ``deferred_batchnorm=True``: '' when they differ in nothing else."""
+    flat = {key: _flatten(json.loads(key)) for key in settings}
+    keys = sorted({k for f in flat.values() for k in f})
+    differ = [k for k in keys if len({json.dumps(f.get(k), default=str) for f in flat.values()}) > 1
+              and not any(part in _SHOWN for part in k.split("."))]
+    return {key: ", ".join(f"{k.rsplit('.', 1)[-1]}={f.get(k)}" for k in differ) for key, f in flat.items()}
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(config, dict) or not config:
+        return {prefix: config}
+    return {k: v for key, value in config.items() for k, v in _flatten(value, f"{prefix}.{key}".lstrip(".")).items()}
 
 
 def _finite(value: Any) -> bool:
@@ -203,10 +225,12 @@ def _finite(value: Any) -> bool:
 
 def table_markdown(table: pd.DataFrame) -> str:
     """:func:`seed_table` in Markdown: ``mean ± std`` where a row pools several seeds, then chunks and n."""
-    columns = [*HEADERS, "n"]
-    lines = ["| " + " | ".join(HEADERS.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    options = "options" in table and table["options"].astype(bool).any()  # a column only when settings differ
+    columns = ["compress_method", *(["options"] if options else []), *list(HEADERS)[1:], "n"]
+    names = {**HEADERS, "options": "Options"}
+    lines = ["| " + " | ".join(names.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
     for _, row in table.iterrows():
-        cells = [str(row["compress_method"])]
+        cells = [str(row["compress_method"])] + ([str(row["options"])] if options else [])
         for c in TABLE:
             number, unit = TABLE[c][2].split("}")  # "{:.2f}MB/s": the unit once, after the spread
             number += "}"

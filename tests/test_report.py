@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from experiments import report
-from tests.fixtures.report_runs import make_runs, make_seed_runs, write_run
+from tests.fixtures.report_runs import make_runs, make_seed_runs, split_summary, write_run
 
 EXPECTED_PNGS = ["bandwidth_avg.png", "bandwidth_peak.png", "computation_time.png", "time_per_batch.png",
                  "val_acc_cifar10_mobilenet.png", "val_acc_cola_gpipe-sweep.png", "val_mcc_cola_gpipe-sweep.png"]
@@ -33,7 +33,7 @@ def test_report_writes_table_and_every_png(tmp_path, capsys):
     table = pd.read_csv(out / "table.csv")
     figures = ["compress_rate", "acc", "bandwidth_avg_MBps", "bandwidth_peak_client_MBps",
                "bandwidth_peak_server_MBps", "computation_time_s", "time_per_batch_s"]
-    assert list(table.columns) == ["compress_method", *figures, "chunks", "n", "run", "group",
+    assert list(table.columns) == ["compress_method", "options", *figures, "chunks", "n", "run", "group",
                                    *(f"{c}_std" for c in figures)]
     assert len(table) == 6 and sorted(table["chunks"].unique()) == [1, 4, 8] and set(table["n"]) == {1}
     none4 = table[(table["compress_method"] == "none") & (table["chunks"] == 4)].iloc[0]
@@ -116,6 +116,22 @@ def test_runs_differing_only_by_seed_pool_into_mean_std_and_n(tmp_path, capsys):
     assert "| none | 1.000 ± 0.000 | 92.00 ± 2.00 | 400.00 ± 0.00MB/s |" in markdown and "| 4 | 3 |" in markdown
     assert "| 8 | 1 |" in markdown
     assert "pooled as seeds of one setting (mean ± std, n=3): cifar-s0, cifar-s1, cifar-s2" in capsys.readouterr().out
+
+
+def test_settings_differing_in_an_option_name_it_in_the_table(tmp_path):
+    """Two settings of one group with the same chunks, differing only in a strategy option, are two rows, each
+    naming the option's value (an Options column appears only then)."""
+    for deferred in (False, True):
+        for seed, acc in zip((0, 1), (0.90, 0.92) if deferred else (0.80, 0.84)):
+            config = {"group": "bn", "codec": "none", "chunks": 8, "max_epochs": 1, "seed_everything": seed,
+                      "trainer": {"strategy": {"init_args": {"chunks": 8, "deferred_batchnorm": deferred}}}}
+            write_run(tmp_path / "runs", f"bn-{deferred}-s{seed}", config,
+                      dict(split_summary(1.0, 8), **{"val/acc_best": acc}), [{"epoch": 0, "step": 9, "val/acc": acc}])
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--group", "bn"]) == 0
+    markdown = (tmp_path / "out" / "table.md").read_text()
+    assert "| Compress Method | Options | Compress Rate |" in markdown
+    assert "| none | deferred_batchnorm=False | 1.000 ± 0.000 | 82.00 ± 2.83 |" in markdown
+    assert "| none | deferred_batchnorm=True | 1.000 ± 0.000 | 91.00 ± 1.41 |" in markdown
 
 
 def test_overfitting_curve_of_seeds_is_the_mean_with_a_std_band(tmp_path, capsys, monkeypatch):
