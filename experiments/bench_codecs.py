@@ -52,7 +52,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 # running statistics vs on batch statistics (the default); the codecs' distillation warm-up; the adaptation of the
 # network (CodecCalibration's default: --adapt-steps at --adapt-lr).
 RUNS = {
-    "none": [("-", {}, None)],
+    "none": [("-", {}, None), ("adapt (control)", {}, {"adapt": True})],
     "poweriter3_7": [("iters=1", {"iters": 1}, {}), ("iters=2", {}, {}),
                      ("iters=2, adapt (default)", {}, {"adapt": True})],
     "convinsert097": [("fresh", {}, {"pca": False}), ("pca, eval BN", {}, {"batch_stats": False}),
@@ -108,7 +108,8 @@ def run(row: str, options: dict, calibration: dict | None, args, data, seed: int
         report = calibrate(split, calib, pca=calibration.get("pca", True),
                            batch_stats=calibration.get("batch_stats", True),
                            distill_steps=args.distill_steps if distil else 0, distill_lr=args.distill_lr,
-                           adapt_steps=args.adapt_steps if calibration.get("adapt") else 0, adapt_lr=args.adapt_lr)
+                           adapt_steps=args.adapt_steps if calibration.get("adapt") else 0, adapt_lr=args.adapt_lr,
+                           adapt_uncompressed=row == "none")
         errors = {cut: r["error_after"] for cut, r in report.items() if cut in ("up", "down")}
         errors.update({"tail": r["error_after"] for cut, r in report.items() if cut == "adapted"})
     start = time.perf_counter()
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"(float32; the gradient back is the same size)", flush=True)
     wanted = [(row, label, options, calibration) for row, runs in RUNS.items() for label, options, calibration in runs
               if not (args.only and row not in args.only) and label not in args.skip
-              and not (args.default_only and row != "none" and "(default)" not in label)]
+              and not (args.default_only and row != "none" and "(default)" not in label)]  # none: with its control
     per_seed: dict[tuple[str, str], dict[int, dict]] = {(row, label): {} for row, label, _, _ in wanted}
     for seed in seeds:  # seed by seed: a bench cut short holds every row for the seeds it finished (paired)
         for row, label, options, calibration in wanted:
@@ -214,16 +215,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return results
 
 
+CONTROL = ("none", "adapt (control)")
+
+
+def _adapts(row: str, label: str) -> bool:
+    return any(lab == label and (calibration or {}).get("adapt") for lab, _, calibration in RUNS.get(row, []))
+
+
 def _rows(per_seed: dict[tuple[str, str], dict[int, dict]]) -> list[dict]:
-    """Every row over its seeds, its difference to none paired over the seeds both have."""
-    none = next((runs for (row, _), runs in per_seed.items() if row == "none"), None)
+    """Every row over its seeds, its difference to its baseline paired over the seeds both have: a row whose
+    network adapts to its codecs is paired with none given the same adaptation (the control) when it ran, every
+    other row (and the control) with plain none."""
+    plain = per_seed.get(("none", "-"))
+    control = per_seed.get(CONTROL)
     results = []
     for (row, label), runs in per_seed.items():
-        if none is not None and row != "none":
-            runs = {s: r for s, r in runs.items() if s in none}
+        base, name = (control, "none / " + CONTROL[1]) if control and _adapts(row, label) and row != "none" \
+            else (plain, "none / -")
+        if base is not None and (row, label) != ("none", "-"):
+            runs = {s: r for s, r in runs.items() if s in base}
         if runs:
-            baseline = {s: none[s]["acc"] for s in runs} if none is not None else None
-            results.append(_row(row, label, runs, baseline))
+            baseline = {s: base[s]["acc"] for s in runs} if base is not None else None
+            results.append({**_row(row, label, runs, baseline), "baseline": name if base is not None else None})
     return results
 
 
@@ -263,8 +276,8 @@ _PER_INVOCATION = ("seed", "seeds", "only", "skip", "default_only", "json", "mer
 
 def _table(results: list[dict]) -> str:
     header = (f"| {'codec':<14}| {'initialisation':<24}| {'acc % (mean ± std)':>18} | {'n':>2} | "
-              f"{'Δ acc, paired [95% CI]':>22} | {'vs none':>16} | {'rate':>6} | {'rate@224':>8} | {'up B/chunk':>11} | "
-              f"{'down B/chunk':>12} | {'err up':>6} | {'err down':>8} | {'err tail':>8} | {'calib s':>7} | {'s':>5} |")
+              f"{'paired with':<22} | {'Δ acc, paired [95% CI]':>22} | {'verdict':>16} | {'rate':>6} | "
+              f"{'rate@224':>8} | {'up B/chunk':>11} | {'down B/chunk':>12} | {'err up':>6} | {'err down':>8} | {'err tail':>8} | {'calib s':>7} | {'s':>5} |")
     rule = "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"
     return "\n".join([header, rule, *map(_table_line, results)])
 
@@ -272,17 +285,19 @@ def _table(results: list[dict]) -> str:
 def _table_line(r: dict) -> str:
     err = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
     return (f"| {r['codec']:<14}| {r['initialisation']:<24}| {format_mean(r['acc']):>18} | {r['acc']['n']:>2} | "
-            f"{format_difference(r['acc']):>22} | {verdict(r['acc']) if r['codec'] != 'none' else '-':>16} | {r['rate']:6.4f} | {r['rate224']:8.4f} | {r['up']:11,} | "
-            f"{r['down']:12,} | {err(r['err_up']):>6} | {err(r['err_down']):>8} | {err(r['err_tail']):>8} | "
+            f"{r.get('baseline') or '-':<22} | {format_difference(r['acc']):>22} | "
+            f"{verdict(r['acc']) if (r['codec'], r['initialisation']) != ('none', '-') else '-':>16} | "
+            f"{r['rate']:6.4f} | {r['rate224']:8.4f} | {r['up']:11,} | {r['down']:12,} | {err(r['err_up']):>6} | {err(r['err_down']):>8} | {err(r['err_tail']):>8} | "
             f"{r['calib_seconds']:7.0f} | {r['seconds']:5.0f} |")
 
 
 def figure(results: list[dict], path: Path) -> Path:
-    """Each row's accuracy difference to none, paired by seed, with its 95% interval and the ±1 point band."""
+    """Each row's accuracy minus its baseline's (see :func:`_rows`), paired by seed: the mean, its 95% interval,
+    every seed, and the ±1 point band."""
     from experiments.report import _figure, _save
 
-    rows = [r for r in results if r["codec"] != "none" and r["acc"]["difference"] is not None
-            and r["acc"]["difference"]["low"] is not None]
+    rows = [r for r in results if (r["codec"], r["initialisation"]) != ("none", "-")
+            and r["acc"]["difference"] is not None and r["acc"]["difference"]["low"] is not None]
     if not rows:
         raise SystemExit("bench_codecs --figure: no row has a paired interval (run none and a codec over 2+ seeds).")
     plt, fig, ax = _figure()
@@ -291,16 +306,17 @@ def figure(results: list[dict], path: Path) -> Path:
     for i, r in enumerate(rows):
         d = r["acc"]["difference"]
         ax.errorbar(d["mean"], i, xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o", capsize=4,
-                    color="C0")
+                    color=f"C{int(r['codec'] == 'none')}")
         for value in d["per_seed"].values():
-            ax.plot(value, i, "|", color="C0", alpha=0.5, markersize=10)
-    none = next((r["acc"] for r in results if r["codec"] == "none"), None)
-    ax.set_yticks(range(len(rows)), [f"{r['codec']}\n{r['initialisation']}\n{format_mean(r['acc'])} "
-                                     f"(n={r['acc']['n']}), rate {r['rate224']:.3f}" for r in rows], fontsize="small")
+            ax.plot(value, i, "|", color=f"C{int(r['codec'] == 'none')}", alpha=0.5, markersize=10)
+    ax.set_yticks(range(len(rows)), [f"{r['codec']}, {r['initialisation']}\n{format_mean(r['acc'])} % "
+                                     f"(n={r['acc']['n']}), rate {r['rate224']:.3f}\nvs {r['baseline']}"
+                                     for r in rows], fontsize="small")
     ax.invert_yaxis()
-    base = f" (none: {format_mean(none)} %, n={none['n']})" if none else ""
-    ax.set_xlabel(f"test accuracy minus none's on the same seed, points\n{base.strip(' ()')}; grey: ±1 point")
-    fig.suptitle("Codec minus no compression, paired by seed: mean, 95% t interval, each seed |",
+    none = next((r["acc"] for r in results if (r["codec"], r["initialisation"]) == ("none", "-")), None)
+    base = f"none / -: {format_mean(none)} % (n={none['n']}); " if none else ""
+    ax.set_xlabel(f"test accuracy minus its baseline's on the same seed, points\n{base}grey: ±1 point")
+    fig.suptitle("Each row minus its baseline, paired by seed: mean, 95% t interval, each seed |",
                  fontsize="medium")
     ax.grid(alpha=0.3, axis="x")
     fig.subplots_adjust(left=0.34, right=0.97, bottom=0.17)

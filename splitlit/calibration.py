@@ -135,7 +135,7 @@ def distill(split: Split, batches: list[tuple], *, steps: int, lr: float = 1e-4,
 def calibrate(split: Split, batches: Iterable[tuple[Tensor, ...]] | Iterable[Tensor], *, pca: bool = True,
               warmup_steps: int = 0, warmup_lr: float = 1e-3, distill_steps: int = 0, distill_lr: float = 1e-4,
               adapt_steps: int = 0, adapt_lr: float = 5e-4, batch_stats: bool = True,
-              seed: int = 0) -> dict[str, dict[str, float]]:
+              adapt_uncompressed: bool = False, seed: int = 0) -> dict[str, dict[str, float]]:
     """Fit the split's codecs to the activations they will carry, unsplit, before training.
 
     1. Per cut, the up codec first (on the head's outputs), then the down codec on the body's outputs computed
@@ -143,7 +143,10 @@ def calibrate(split: Split, batches: Iterable[tuple[Tensor, ...]] | Iterable[Ten
        ``warmup_steps`` of Adam on the reconstruction error (:meth:`Codec.warmup`).
     2. ``distill_steps`` of :func:`distill`: both codecs together, on the error of what the tail receives.
     3. ``adapt_steps`` of :func:`distill` with ``network=True``: the head, the body and the codecs together,
-       towards what the tail received before any of it changed (the network adapts to its codecs).
+       towards what the tail received before any of it changed (the network adapts to its codecs). Skipped
+       without a codec unless ``adapt_uncompressed``: the same steps on the uncompressed network, a control for
+       what the adaptation does besides undoing compression (its student sees BatchNorm's batch statistics,
+       its teacher the running ones).
 
     Every module runs in eval mode except BatchNorm, which uses batch statistics when ``batch_stats`` (what the
     codecs see while fine-tuning); no buffer of the network changes, and no parameter unless ``adapt_steps``.
@@ -175,7 +178,7 @@ def calibrate(split: Split, batches: Iterable[tuple[Tensor, ...]] | Iterable[Ten
             report["tail_input"] = {"error_before": before, "error_after": after}
             log.info("distilled the codecs (%d steps): relative error of the tail's input %.4f -> %.4f",
                      distill_steps, before, after)
-        if adapt_steps > 0 and any(isinstance(c, Codec) for c in (split.up, split.down)):
+        if adapt_steps > 0 and (adapt_uncompressed or any(isinstance(c, Codec) for c in (split.up, split.down))):
             before, after = distill(split, batches, steps=adapt_steps, lr=adapt_lr, network=True, seed=seed)
             report["adapted"] = {"error_before": before, "error_after": after}
             log.info("adapted the network to its codecs (%d steps): relative error of the tail's input %.4f -> %.4f",

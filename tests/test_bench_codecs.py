@@ -44,20 +44,23 @@ def test_two_seed_bench_writes_per_seed_values_and_is_reproducible(tmp_path, cap
     table = capsys.readouterr().out
     assert saved["settings"]["threads"] == 1 and "seeds 0,1, 1 thread(s)" in table
     assert saved["seeds"] == [0, 1] and [(r["codec"], r["initialisation"]) for r in saved["rows"]] == [
-        ("none", "-"), ("poweriter3_7", "iters=2, adapt (default)")]
-    none, power = (r["acc"] for r in saved["rows"])
-    for row in (none, power):
+        ("none", "-"), ("none", "adapt (control)"), ("poweriter3_7", "iters=2, adapt (default)")]
+    assert [r["baseline"] for r in saved["rows"]] == ["none / -", "none / -", "none / adapt (control)"]
+    none, control, power = (r["acc"] for r in saved["rows"])
+    assert control["per_seed"] != none["per_seed"]  # the control's adaptation trains the uncompressed network
+    for row in (none, control, power):
         values = [row["per_seed"]["0"], row["per_seed"]["1"]]
         assert row["n"] == 2 and row["mean"] == pytest.approx(statistics.mean(values))
         assert row["std"] == pytest.approx(statistics.stdev(values))
     assert none["difference"]["mean"] == 0.0 and none["difference"]["low"] == 0.0 == none["difference"]["high"]
     d = power["difference"]
-    diffs = [power["per_seed"][s] - none["per_seed"][s] for s in ("0", "1")]
+    diffs = [power["per_seed"][s] - control["per_seed"][s] for s in ("0", "1")]  # paired with the same adaptation
     assert d["mean"] == pytest.approx(statistics.mean(diffs))
     half = 12.706205 * statistics.stdev(diffs) / math.sqrt(2)  # t(0.975, 1 degree of freedom)
     assert (d["low"], d["high"]) == (pytest.approx(d["mean"] - half), pytest.approx(d["mean"] + half))
-    assert rows[1]["acc"] == power
-    assert f"| {bench_codecs.format_mean(power):>18} |  2 | {bench_codecs.format_difference(power):>22} |" in table
+    assert rows[2]["acc"] == power
+    assert (f"| {bench_codecs.format_mean(power):>18} |  2 | {'none / adapt (control)':<22} | "
+            f"{bench_codecs.format_difference(power):>22} |") in table
 
     # Reproducibility: seed 1 of the power-iteration row, run again in this process, to the last digit.
     args = bench_codecs.parse_args([*TINY, "--seed", "1"])
