@@ -1,7 +1,7 @@
 """Codec benchmark: the report's MobileNetV2 / CIFAR-10 codecs, unsplit on one CPU, short fine-tune from ImageNet.
 
-    python -m experiments.bench_codecs --train 2000 --epochs 2 --seeds 0-4 --default-only   # each codec's default
-    python -m experiments.bench_codecs --train 3200 --epochs 2 --seed 0                     # every option, 1 seed
+    python -m experiments.bench_codecs --seeds 0-4 --default-only   # each codec's default, and the controls
+    python -m experiments.bench_codecs --train 3200 --seed 0         # every option, 1 seed
 
 For each codec (none, power iteration (3,7), conv insert 0.097 / 0.070) and each option, with and without
 (1 or 2 power iterations; fresh conv layers, PCA calibrated with BatchNorm on its ImageNet running statistics
@@ -15,8 +15,11 @@ error of the tail's input after adaptation, and the seconds spent calibrating an
 
 A seed sets the new classifier, the batch order, the flips and dropout (not the calibration batches). With
 ``--seeds`` (two or more: ``0-4``, ``0,1,2``) every row runs every seed and prints the accuracy's mean ± sample
-standard deviation, n, and the paired difference to ``none`` (same seeds) with its 95% Student-t interval
-(:mod:`experiments.stats`); ``--seed`` runs one seed (no spread, no interval). Runs go seed by seed, and
+standard deviation, n, and the paired difference to its baseline (same seeds) with its 95% Student-t interval
+(:mod:`experiments.stats`) and what that interval says against ±1 point; ``--seed`` runs one seed (no spread,
+no interval). The baseline is ``none``, except for a codec whose network adapts to it (``CodecCalibration``'s
+default): that adaptation also trains the network (its student sees BatchNorm's batch statistics, its teacher
+the running ones), so such a row is paired with ``none`` given the same adaptation steps (the control row). Runs go seed by seed, and
 ``--json`` (default ``runs/bench_codecs.json``) is rewritten after each with every row's per-seed values, so a
 bench cut short keeps the seeds it finished. ``--only`` / ``--skip`` pick rows, so rows can run in parallel
 processes; ``--merge`` then joins their JSON files into one paired table.
@@ -142,9 +145,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=SHARED / "cifar10")
     p.add_argument("--weights", type=Path, default=SHARED / "weights" / "mobilenet_v2-b0353104.pth")
     p.add_argument("--size", type=int, default=96, help="image side (the report: 224)")
-    p.add_argument("--train", type=int, default=4000, help="training images (a balanced prefix)")
+    p.add_argument("--train", type=int, default=2000, help="training images (a balanced prefix)")
     p.add_argument("--test", type=int, default=2000, help="test images")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--chunks", type=int, default=4, help="micro-batches per batch, for the bytes per chunk")
     p.add_argument("--lr", type=float, default=0.005)
@@ -164,9 +167,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip", nargs="*", default=(), help="labels of runs to leave out, e.g. fresh")
     p.add_argument("--default-only", action="store_true",
                    help="only each codec's default initialisation (CodecCalibration's adaptation) beside none")
-    p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads (default: torch's). A seed reproduces its accuracy to the last digit only "
-                        "with the same thread count: another count sums in another order, and 2 epochs amplify it")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads (default 1, as the README's numbers). A seed reproduces its accuracy to the "
+                        "last digit only with the same thread count: another count sums in another order, and 2 "
+                        "epochs amplify it")
     p.add_argument("--json", type=Path, default=Path("runs/bench_codecs.json"),
                    help="where to write every row with its per-seed values (rewritten after each run)")
     p.add_argument("--figure", type=Path, default=None,
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         _write_json(args, sorted({s for r in results for s in r["seeds"]}), results, settings)
         return results
     seeds = args.seeds or [args.seed]
-    if args.threads is not None:
+    if args.threads is not None:  # None: torch's default
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()  # recorded in the JSON's settings
     data = (load_images(args.data, True, args.train), load_images(args.data, False, args.test))
