@@ -23,11 +23,10 @@ from pathlib import Path
 import pytest
 
 from splitlit.link import netns, probe
-from splitlit.link import shaped as shaped_module
 from splitlit.link import LINK_ENV, LinkError, LinkSpec, ShapedLink, parse_delay, parse_rate, with_trainer_args
 from splitlit.link.__main__ import main as link_main
 from splitlit.link.delay import DelayQueue
-from splitlit.link.units import parse_delays, parse_percent, parse_size
+from splitlit.link.units import parse_percent, parse_size, per_client
 from tests.twoproc import REPO, SHARED_DATA, Result
 
 CIFAR_WEIGHTS = SHARED_DATA / "weights" / "mobilenet_v2-b0353104.pth"
@@ -52,8 +51,7 @@ def test_delays_losses_and_limits_parse_as_netem_users_write_them():
     """--delay takes us, ms or s (a list: one per client link), --loss a percentage, --limit bytes in tc's units."""
     assert parse_delay("20ms") == pytest.approx(0.02) and parse_delay("500us") == pytest.approx(5e-4)
     assert parse_delay(None) == 0.0 and parse_delay("0") == 0.0
-    assert parse_delays("5ms,80ms", clients=2) == pytest.approx([0.005, 0.08])
-    assert parse_delays("5ms", clients=3) == pytest.approx([0.005] * 3)
+    assert per_client("5ms,80ms", 2, "--delay") == ["5ms", "80ms"] and per_client("5ms", 3, "--delay") == ["5ms"] * 3
     assert parse_percent("0.1%") == pytest.approx(0.001) and parse_percent(None) == 0.0
     assert parse_size("64kb") == 65536 and parse_size("100000") == 100000 and parse_size(None) is None
 
@@ -65,7 +63,7 @@ def test_delays_losses_and_limits_parse_as_netem_users_write_them():
     (["--loss", "150%"], r"--loss '150%' is outside \[0, 100%\): give e\.g\. 0\.1%"),
     (["--loss", "0.01"], r"--loss '0\.01': write it as a percentage with %, e\.g\. 0\.01%"),
     (["--delay", "25ms", "--jitter", "30ms"], r"--jitter 30ms is larger than --delay 25ms: .* at most the delay"),
-    (["--delay", "5ms,80ms"], r"--delay '5ms,80ms' gives 2 delays for 1 client link: .*exactly one per client"),
+    (["--delay", "5ms,80ms"], r"--delay '5ms,80ms' gives 2 values for 1 client link: .*exactly one per client"),
     (["--limit", "10kbit"], r"--limit '10kbit': unknown unit 'kbit'; give bytes with b, kb or mb"),
     (["--bandwidth", "10mbps"], r"--bandwidth '10mbps': .* refused here to avoid an 8x mistake"),
     (["--up", "5mbit"], r"give --bandwidth \(both directions\), or both --up and --down"),
@@ -197,9 +195,8 @@ def test_probe_measures_a_stalled_direction_again_and_keeps_the_best(monkeypatch
         calls.append((sender, receiver, nbytes))
         return measured[(sender, receiver)].pop(0)
 
-    monkeypatch.setattr(shaped_module, "probe_rates", probe.probe_rates)
     monkeypatch.setattr(probe, "stream_rate", stream)
-    monkeypatch.setattr(shaped_module, "ping", lambda link, count: {"rtt_ms": 50.2})
+    monkeypatch.setattr(probe, "ping", lambda link, count: {"rtt_ms": 50.2})
     shaped = ShapedLink(LinkSpec(bandwidth_bps=20 * 10**6))  # nothing is made before ``with``
     assert shaped.probe(seconds=0.5) == {"up_mbit": 19.1, "down_mbit": 15.5, "up_bytes": 1_250_000,
                                          "down_bytes": 1_250_000, "rtt_ms": 50.2}
@@ -400,7 +397,7 @@ def test_delay_line_round_trip_and_asymmetric_rates():
     assert abs(probed["up_delay_ms"] - 25) <= 3 and abs(probed["down_delay_ms"] - 25) <= 3, probed
     assert abs(probed["up_mbit"] / (10 * PAYLOAD) - 1) <= 0.10, probed
     assert abs(probed["down_mbit"] / (100 * PAYLOAD) - 1) <= 0.10, probed
-    assert report["up"]["lost"] == 0 and report["cpu_s"] > 0, report
+    assert report["links"][0]["up"]["lost"] == 0 and report["cpu_s"] > 0, report
 
 
 @pytest.mark.slow
@@ -568,7 +565,40 @@ def test_many_clients_each_on_a_link_of_its_own_rate(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").glob("rank*.pt")) == ["rank0.pt", "rank1.pt", "rank2.pt"]
 
 
-def test_many_client_rates_are_one_or_one_per_client(capsys):
-    """A rate list whose length is neither 1 nor --clients is refused, naming the option and the count."""
-    assert link_main(["--clients", "3", "--bandwidth", "10mbit,20mbit", "--", "true"]) == 2
-    assert "--bandwidth '10mbit,20mbit': give one rate, or one per client (3" in capsys.readouterr().err
+@pytest.mark.slow
+def test_many_clients_each_on_a_link_of_its_own_delay(tmp_path):
+    """--clients 2 --delay 5ms,30ms: one delay line serves both client links; each client's probed round trip is
+    within 10% (+1 ms) of twice its own delay, and the run record and each rank's SPLITLIT_LINK_JSON carry each
+    client's link (its delay, the probe's round trip) and the delay line's counters per link."""
+    stats = tmp_path / "stats.json"
+    show = 'test "$NODE_RANK" != 0 || echo "$SPLITLIT_LINK_JSON"'
+    with _link_command(["--clients", "2", "--bandwidth", "20mbit", "--delay", "5ms,30ms", "--probe-seconds", "0.2",
+                        "--seed", "0", "--stats", str(stats), "--", "sh", "-c", show]) as proc:
+        result = _finish(proc, 60)
+        assert not _namespaces(proc.pid)
+    assert result.returncode == 0, result.output[-4000:]
+    record = json.loads(stats.read_text())
+    for delay_ms, probed, settings in zip((5, 30), record["probe"], record["link"]["clients"]):
+        assert abs(probed["rtt_ms"] - 2 * delay_ms) <= 0.1 * 2 * delay_ms + 1, record["probe"]
+        assert (settings["delay_ms"], settings["emulator"], settings["probe_rtt_ms"]) == (
+            delay_ms, "delayline", probed["rtt_ms"])
+    assert [link["up"]["packets"] > 100 for link in record["delayline"]["links"]] == [True, True], record["delayline"]
+    seen = json.loads(next(line for line in result.output.splitlines() if line.startswith("[client0] {"))[10:])
+    assert [c["delay_ms"] for c in seen["clients"]] == [5, 30] and seen["clients"][1]["probe_rtt_ms"] > 50
+    assert re.search(r"client 1 probe: .*round trip 6\d\.\d ms", result.output), result.output[-4000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bandwidth", "10mbit,20mbit"], (r"--bandwidth '10mbit,20mbit' gives 2 values for 3 client links: give one "
+                                       r"value for every client, or exactly one per client \(3, as --clients 3\)")),
+    (["--bandwidth", "10mbit", "--delay", "5ms,80ms"], r"--delay '5ms,80ms' gives 2 values for 3 client links"),
+    (["--bandwidth", "10mbit", "--delay", "5ms,-80ms,5ms"],
+     r"client 1's link: --delay '-80ms' is negative: a delay is 0 or more, e\.g\. 25ms"),
+    (["--bandwidth", "10mbit", "--delay", "5ms,5ms,5ms", "--jitter", "1ms,9ms,1ms"],
+     r"client 1's link: --jitter 9ms is larger than --delay 5ms"),
+])
+def test_many_client_values_are_one_or_one_per_client(args, message, capsys):
+    """A list whose length is neither 1 nor --clients, or a bad value in it, is refused before anything is made,
+    naming the option, the value (and the client) and the fix."""
+    assert link_main(["--clients", "3", *args, "--", "true"]) == 2
+    assert re.search(message, capsys.readouterr().err)

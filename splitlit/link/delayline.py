@@ -1,9 +1,12 @@
-"""The userspace delay line: a TUN device in each namespace and one process moving packets between them.
+"""The userspace delay line: a TUN device at each end of each link and one process moving packets between them.
 
-    line = DelayLine(netns={"client": ..., "server": ...}, up=DelayQueue(...), down=DelayQueue(...))
-    line.start()        # forks; returns once both TUN devices exist (address them, bring them up)
+    line = DelayLine([wire(spec, client=(client_ns, "sl-client"), server=(server_ns, "sl-server"))])
+    line.start()        # forks; returns once every TUN device exists (address them, bring them up)
     ...
-    line.stop()         # {"up": {...packets, lost, dropped...}, "down": {...}, "cpu_s": 0.8, "wall_s": 20.1, ...}
+    line.stop()         # {"links": [{"up": {...packets, lost, dropped...}, "down": {...}}], "cpu_s": 0.8, ...}
+
+A :class:`Wire` is one link (two hosts' TUN devices and a queue per direction); one process serves every wire
+(the two-host link has one, the many-clients link one per client), so the CPU cost stays one process.
 
 For kernels without ``sch_netem`` (and without ``fq``, so no EDT pacing from BPF either): every IP packet the
 client sends to the server leaves through ``sl-client`` (a TUN device), is read by this process, held in the
@@ -13,11 +16,12 @@ TCP's acknowledgements cross the same way, so TCP sees the real round trip.
 
 Note: the process
     It is forked from the launcher (no second Python start, no second import) and sets ``PR_SET_PDEATHSIG``:
-    the launcher's death (even ``kill -9``) sends it SIGTERM, on which it removes the two namespaces itself, so
+    the launcher's death (even ``kill -9``) sends it SIGTERM, on which it removes the link's namespaces itself, so
     a killed launcher leaves nothing behind. The launcher stops it with SIGUSR1 instead (it removes the
     namespaces itself). Checking ``getppid()`` cannot tell the two apart: the death signal comes when the
     launcher's *thread* that forked it exits, and while the launcher's other threads (its output pumps) are
-    still dying, the parent is still the launcher. It ignores SIGINT/SIGHUP (the launcher handles those). One ``select`` loop: read what is ready (up to 64 packets per device per turn), write what is
+    still dying, the parent is still the launcher. It ignores SIGINT/SIGHUP (the launcher handles those). One
+    ``select`` loop over every device: read what is ready (up to 64 packets per device per turn), write what is
     due, sleep until the next packet is due. Its CPU time is reported by :meth:`DelayLine.stop`.
     The TUN devices are not persistent: they disappear with the process.
 """
@@ -29,6 +33,7 @@ import ctypes
 import fcntl
 import json
 import os
+import random
 import resource
 import select
 import signal
@@ -36,14 +41,15 @@ import struct
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any
 
 from splitlit.link.delay import DelayQueue
 from splitlit.link.errors import LinkError
 from splitlit.link.netns import in_netns, remove_netns
-from splitlit.link.spec import IFNAME
+from splitlit.link.spec import DIRECTIONS, ETHERNET_HEADER, LinkSpec
 
-__all__ = ["DelayLine", "open_tun"]
+__all__ = ["DelayLine", "Wire", "open_tun", "wire"]
 
 _TUNSETIFF = 0x400454CA
 _IFF_TUN, _IFF_NO_PI = 0x0001, 0x1000
@@ -66,16 +72,40 @@ def open_tun(netns: str, ifname: str) -> int:
     return fd
 
 
+@dataclass
+class Wire:
+    """One link of the delay line: the client's and the server's TUN device, ``(namespace, interface)`` each, and
+    the queue of each direction (``up``: client -> server)."""
+
+    client: tuple[str, str]
+    server: tuple[str, str]
+    up: DelayQueue
+    down: DelayQueue
+
+
+def wire(spec: LinkSpec, *, client: tuple[str, str], server: tuple[str, str], name: str = "") -> Wire:
+    """The wire of ``spec``'s rates, delay, jitter, loss and queues between two ``(namespace, interface)`` ends.
+
+    ``spec.seed`` seeds each direction's draws (None: fresh ones each run); ``name`` tells the wires of one link
+    apart, so that clients with the same seed do not lose the same packets."""
+    seed = random.Random(spec.seed).getrandbits(64)
+    queues = {d: DelayQueue(rate_bps=spec.rate(d), delay_s=spec.delay_s, jitter_s=spec.jitter_s, loss=spec.loss,
+                            limit_bytes=spec.limit(d), overhead=ETHERNET_HEADER, rng=random.Random(f"{seed}{name}{d}"))
+              for d in DIRECTIONS}
+    return Wire(client=client, server=server, up=queues["up"], down=queues["down"])
+
+
 class DelayLine:
     """The delay line's process, seen from the launcher: :meth:`start`, :meth:`stop`, :attr:`pid`."""
 
-    def __init__(self, *, netns: dict[str, str], up: DelayQueue, down: DelayQueue) -> None:
-        self.netns, self.up, self.down = netns, up, down
+    def __init__(self, wires: list[Wire]) -> None:
+        self.wires = wires
+        self.netns = list(dict.fromkeys(ns for w in wires for ns, _ in (w.client, w.server)))  # to remove if orphaned
         self.pid: int | None = None
         self._pipe: int | None = None
 
     def start(self) -> None:
-        """Fork the process; return once both TUN devices exist, or raise :class:`LinkError` with its error."""
+        """Fork the process; return once every TUN device exists, or raise :class:`LinkError` with its error."""
         read_end, write_end = os.pipe()
         parent = os.getpid()
         pid = os.fork()
@@ -137,10 +167,12 @@ class DelayLine:
         try:
             if os.getppid() != parent:
                 raise _Stop(_ORPHANED)
-            client = open_tun(self.netns["client"], IFNAME["client"])
-            server = open_tun(self.netns["server"], IFNAME["server"])
+            routes = {}
+            for w in self.wires:
+                client, server = open_tun(*w.client), open_tun(*w.server)
+                routes.update({client: (w.up, server), server: (w.down, client)})
             os.write(pipe, b"ready\n")
-            _serve({client: (self.up, server), server: (self.down, client)})
+            _serve(routes)
         except _Stop as stop:
             orphaned = stop.signum == _ORPHANED
         except LinkError as err:
@@ -150,12 +182,13 @@ class DelayLine:
             for sig in (_STOP, _ORPHANED):
                 signal.signal(sig, signal.SIG_IGN)
         wall, cpu = time.monotonic() - start, _cpu_seconds() - cpu0
-        report = {"up": self.up.stats.as_dict(), "down": self.down.stats.as_dict(), "cpu_s": round(cpu, 3),
+        links = [{"up": w.up.stats.as_dict(), "down": w.down.stats.as_dict()} for w in self.wires]
+        report = {"links": links, "cpu_s": round(cpu, 3),
                   "wall_s": round(wall, 3), "cpu_pct_of_one_core": round(100 * cpu / max(wall, 1e-9), 2)}
         if orphaned:  # the launcher was killed: remove what it made, and exit
             print(f"splitlit.link: the launcher (pid {parent}) is gone; the delay line removes "
-                  f"{', '.join(self.netns.values())}", file=sys.stderr, flush=True)
-            for name in self.netns.values():
+                  f"{', '.join(self.netns)}", file=sys.stderr, flush=True)
+            for name in self.netns:
                 remove_netns(name)
             return 0
         with contextlib.suppress(OSError):
