@@ -49,27 +49,52 @@ from splitlit.link.errors import LinkError
 from splitlit.link.netns import in_netns, remove_netns
 from splitlit.link.spec import DIRECTIONS, ETHERNET_HEADER, LinkSpec
 
-__all__ = ["DelayLine", "Wire", "open_tun", "wire"]
+__all__ = ["DelayLine", "Wire", "open_tun", "wire", "wire_size"]
 
-_TUNSETIFF = 0x400454CA
-_IFF_TUN, _IFF_NO_PI = 0x0001, 0x1000
+_TUNSETIFF, _TUNSETOFFLOAD = 0x400454CA, 0x400454D0
+_IFF_TUN, _IFF_NO_PI, _IFF_VNET_HDR = 0x0001, 0x1000, 0x4000
+_TUN_F_CSUM, _TUN_F_TSO4, _TUN_F_TSO6 = 0x01, 0x02, 0x04
+_VNET_HDR = struct.Struct("<BBHHHH")  # virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+_GSO_NONE, _GSO_ECN = 0, 0x80
 _PR_SET_PDEATHSIG = 1
 _READ_BATCH = 64
+_READ_SIZE = 1 << 17  # a GSO super-packet (64 KiB of IP) and its header fit
 _READY_TIMEOUT_S = 15.0
 _STOP = signal.SIGUSR1  # from the launcher: stop and report
 _ORPHANED = signal.SIGTERM  # the launcher's death signal (PR_SET_PDEATHSIG), or anyone's: remove the namespaces
 
 
-def open_tun(netns: str, ifname: str) -> int:
-    """A non-blocking fd of a new TUN device ``ifname`` (IP packets, no header) created in namespace ``netns``."""
+def open_tun(netns: str, ifname: str, *, offload: bool = False) -> int:
+    """A non-blocking fd of a new TUN device ``ifname`` (IP packets) created in namespace ``netns``.
+
+    ``offload``: the device takes checksum and TCP segmentation offload (IPv4 and IPv6), so the kernel hands it
+    a TCP super-packet of up to 64 KB per read instead of one per segment, and each packet, read or written,
+    starts with a ``virtio_net_hdr`` (:data:`_VNET_HDR`) that says how it is segmented; else plain IP packets."""
+    flags = _IFF_TUN | _IFF_NO_PI | (_IFF_VNET_HDR if offload else 0)
     with in_netns(netns):  # the device is made in the namespace of the thread that opens it
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH22x", ifname.encode(), _IFF_TUN | _IFF_NO_PI))
+            fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH22x", ifname.encode(), flags))
+            if offload:
+                fcntl.ioctl(fd, _TUNSETOFFLOAD, _TUN_F_CSUM | _TUN_F_TSO4 | _TUN_F_TSO6)
         except OSError as err:
             os.close(fd)
             raise LinkError(f"cannot create the TUN device {ifname} in {netns}: {err}") from err
     return fd
+
+
+def wire_size(packet: bytes) -> tuple[int, int]:
+    """(bytes on the wire, segments) of a packet read with its ``virtio_net_hdr``: one segment unless it is a TCP
+    super-packet, whose ``gso_size`` payload per segment each carry a copy of its IP and TCP headers."""
+    gso_type, gso_size = packet[1], packet[4] | packet[5] << 8
+    ip_bytes = len(packet) - _VNET_HDR.size
+    if gso_type & ~_GSO_ECN == _GSO_NONE or not gso_size:
+        return ip_bytes, 1
+    ip = _VNET_HDR.size
+    l4 = ip + ((packet[ip] & 0x0F) * 4 if packet[ip] >> 4 == 4 else 40)  # IPv6: TCP right after the fixed header
+    headers = l4 - ip + (packet[l4 + 12] >> 4) * 4
+    segments = -(-(ip_bytes - headers) // gso_size)
+    return ip_bytes + (segments - 1) * headers, segments
 
 
 @dataclass
@@ -81,18 +106,20 @@ class Wire:
     server: tuple[str, str]
     up: DelayQueue
     down: DelayQueue
+    offload: bool = False  # the TUN devices take TCP super-packets (see :func:`open_tun`)
 
 
 def wire(spec: LinkSpec, *, client: tuple[str, str], server: tuple[str, str], name: str = "") -> Wire:
     """The wire of ``spec``'s rates, delay, jitter, loss and queues between two ``(namespace, interface)`` ends.
 
     ``spec.seed`` seeds each direction's draws (None: fresh ones each run); ``name`` tells the wires of one link
-    apart, so that clients with the same seed do not lose the same packets."""
+    apart, so that clients with the same seed do not lose the same packets. The TUN devices take super-packets
+    where ``spec.offload_active`` (offload asked for, and no loss: loss is per packet on the wire)."""
     seed = random.Random(spec.seed).getrandbits(64)
     queues = {d: DelayQueue(rate_bps=spec.rate(d), delay_s=spec.delay_s, jitter_s=spec.jitter_s, loss=spec.loss,
                             limit_bytes=spec.limit(d), overhead=ETHERNET_HEADER, rng=random.Random(f"{seed}{name}{d}"))
               for d in DIRECTIONS}
-    return Wire(client=client, server=server, up=queues["up"], down=queues["down"])
+    return Wire(client=client, server=server, up=queues["up"], down=queues["down"], offload=spec.offload_active)
 
 
 class DelayLine:
@@ -169,8 +196,8 @@ class DelayLine:
                 raise _Stop(_ORPHANED)
             routes = {}
             for w in self.wires:
-                client, server = open_tun(*w.client), open_tun(*w.server)
-                routes.update({client: (w.up, server), server: (w.down, client)})
+                client, server = open_tun(*w.client, offload=w.offload), open_tun(*w.server, offload=w.offload)
+                routes.update({client: (w.up, server, w.offload), server: (w.down, client, w.offload)})
             os.write(pipe, b"ready\n")
             _serve(routes)
         except _Stop as stop:
@@ -211,10 +238,11 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _serve(routes: dict[int, tuple[DelayQueue, int]]) -> None:  # pragma: no cover - runs in the forked process
-    """Move packets until stopped: each fd's packets go through its queue to the other fd."""
+def _serve(routes: dict[int, tuple[DelayQueue, int, bool]]) -> None:  # pragma: no cover - in the forked process
+    """Move packets until stopped: each fd's packets go through its queue to its other fd (a super-packet, read
+    with its ``virtio_net_hdr``, counted at its segments' bytes on the wire and written with the header)."""
     fds = list(routes)
-    queues = [(queue, out) for queue, out in routes.values()]
+    queues = [(queue, out) for queue, out, _ in routes.values()]
     clock, read, write = time.monotonic, os.read, os.write
     while True:
         due = [q.next_due() for q, _ in queues]
@@ -223,13 +251,17 @@ def _serve(routes: dict[int, tuple[DelayQueue, int]]) -> None:  # pragma: no cov
         readable, _, _ = select.select(fds, [], [], timeout)
         now = clock()
         for fd in readable:
-            queue = routes[fd][0]
+            queue, _, offload = routes[fd]
             for _ in range(_READ_BATCH):
                 try:
-                    packet = read(fd, 65536)
+                    packet = read(fd, _READ_SIZE)
                 except BlockingIOError:
                     break
-                queue.push(packet, now)
+                if offload:
+                    size, segments = wire_size(packet)
+                    queue.push(packet, now, size=size, segments=segments)
+                else:
+                    queue.push(packet, now)
         now = clock()
         for queue, out in queues:
             for packet in queue.pop_due(now):

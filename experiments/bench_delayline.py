@@ -1,0 +1,65 @@
+"""The delay line's CPU while its link is full: one TCP stream through a two-host delay line, timed.
+
+    sudo python -m experiments.bench_delayline --bandwidth 100mbit --delay 25ms --seconds 3
+
+prints the stream's rate, the delay line's CPU seconds over the stream's wall seconds (from ``/proc/<pid>/stat``,
+so the link's setup and idle time are left out) and per packet read::
+
+    100mbit, 25 ms one way, MTU 1500, offload on: 95.6 Mbit/s; delay line 0.12 s of CPU in 3.05 s (3.9% of one
+    core); 2113 reads up, 1520 down (57 us of CPU per read)
+
+The goal (issue 19): under 5% of one core at 100 Mbit/s. Keep ``--seconds`` short on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from splitlit.link import LinkSpec, ShapedLink, parse_delay, parse_rate
+from splitlit.link.probe import stream_rate
+from splitlit.link.units import parse_percent
+
+__all__ = ["main"]
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench_delayline", description=__doc__.split("\n")[0])
+    parser.add_argument("--bandwidth", default="100mbit")
+    parser.add_argument("--delay", default="25ms")
+    parser.add_argument("--loss", default=None)
+    parser.add_argument("--mtu", type=int, default=1500)
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of the stream at the nominal rate")
+    parser.add_argument("--no-offload", action="store_true", help="one read per packet (no GSO super-packets)")
+    args = parser.parse_args(argv)
+    spec = LinkSpec(bandwidth_bps=parse_rate(args.bandwidth), delay_s=parse_delay(args.delay),
+                    loss=parse_percent(args.loss), mtu=args.mtu, emulator="delayline", seed=0,
+                    offload=not args.no_offload)
+    nbytes = int(spec.bandwidth / 8 * args.seconds)
+    with ShapedLink(spec) as link:
+        pid = link.delayline.pid
+        cpu0, wall0 = cpu_seconds(pid), time.monotonic()
+        rate = stream_rate(link, "client", "server", nbytes, args.seconds)
+        (user, system), wall = cpu_seconds(pid), time.monotonic() - wall0
+    user, system = user - cpu0[0], system - cpu0[1]
+    cpu = user + system
+    report = link.delayline_report["links"][0]
+    reads = report["up"]["packets"] + report["down"]["packets"]
+    print(f"{args.bandwidth}, {spec.delay_s * 1e3:g} ms one way, MTU {spec.mtu}, offload "
+          f"{'on' if spec.offload_active else 'off'}: {rate:.1f} Mbit/s; delay line {cpu:.2f} s of CPU in "
+          f"{wall:.2f} s ({100 * cpu / wall:.1f}% of one core: {100 * user / wall:.1f}% user, "
+          f"{100 * system / wall:.1f}% system); {report['up']['packets']} reads up, "
+          f"{report['down']['packets']} down ({1e6 * cpu / max(reads, 1):.0f} us of CPU per read); "
+          f"up {report['up']['segments']} segments on the wire")
+
+
+if __name__ == "__main__":
+    main()
