@@ -25,10 +25,13 @@ from splitlit.link.units import parse_percent
 __all__ = ["main"]
 
 
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of process ``pid`` so far."""
+def cpu_seconds(pid: int) -> tuple[float, float, float]:
+    """(on-CPU, user, system) seconds of process ``pid`` so far: the scheduler's exact runtime
+    (``/proc/<pid>/schedstat``, ns) and the tick-sampled user/system split (``/proc/<pid>/stat``)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    runtime = int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    return runtime, int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,9 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         pid = link.delayline.pid
         cpu0, wall0 = cpu_seconds(pid), time.monotonic()
         rate = stream_rate(link, "client", "server", nbytes, args.seconds)
-        (user, system), wall = cpu_seconds(pid), time.monotonic() - wall0
-    user, system = user - cpu0[0], system - cpu0[1]
-    cpu = user + system
+        after, wall = cpu_seconds(pid), time.monotonic() - wall0
+    cpu, user, system = (b - a for a, b in zip(cpu0, after))
     report = link.delayline_report["links"][0]
     reads = report["up"]["packets"] + report["down"]["packets"]
     print(f"{args.bandwidth}, {spec.delay_s * 1e3:g} ms one way, MTU {spec.mtu}, offload "

@@ -14,6 +14,7 @@ import random
 import re
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from splitlit.link import netns, probe
 from splitlit.link import LINK_ENV, LinkError, LinkSpec, ShapedLink, parse_delay, parse_rate, with_trainer_args
 from splitlit.link.__main__ import main as link_main
 from splitlit.link.delay import DelayQueue
+from splitlit.link.delayline import wire_size
 from splitlit.link.units import parse_percent, parse_size, per_client
 from tests.twoproc import REPO, SHARED_DATA, Result
 
@@ -145,6 +147,31 @@ def test_jitter_spreads_spaced_packets_uniformly_and_never_reorders_a_burst():
     arrivals = [t for t, _ in burst._in_flight]
     assert arrivals == sorted(arrivals) and all(t - 1e-4 * i >= 0.005 for i, t in enumerate(arrivals))
     assert [int.from_bytes(p[:4], "big") for p in burst.pop_due(10.0)] == list(range(1000))
+
+
+def test_a_super_packet_takes_the_time_of_its_segments_on_the_wire():
+    """A GSO super-packet of 10 segments (1448 bytes of payload + 52 of IP/TCP headers each) is 10 x 1500 bytes of
+    IP plus 10 Ethernet headers on the wire: at 8 Mbit/s (1 byte/us) 15.14 ms, and the next packet waits for it."""
+    line = DelayQueue(rate_bps=8e6, delay_s=0.010)
+    assert line.push(bytes(14_532), now=0.0, size=15_000, segments=10)
+    assert line.next_due() == pytest.approx(0.01514 + 0.010)
+    assert line.push(bytes(100), now=0.0) and line.backlog(0.0) == 15_100
+    assert [len(p) for p in line.pop_due(0.02514 + 0.000114 + 1e-9)] == [14_532, 100]
+    assert (line.stats.packets, line.stats.segments, line.stats.bytes) == (2, 11, 15_100)
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_a_super_packet_read_from_the_tun_device_counts_every_segment_and_its_headers(version):
+    """``wire_size`` reads the virtio_net_hdr's gso_size and the IP and TCP header lengths: 9 full segments and a
+    partial one of 1000 bytes, each with its own copy of the headers; a packet without GSO is itself."""
+    ip = bytes([0x45]) + bytes(19) if version == 4 else bytes([0x60]) + bytes(39)
+    tcp = bytes(12) + bytes([8 << 4]) + bytes(19)  # data offset 8: 32 bytes with options (timestamps)
+    payload = bytes(9 * 1448 + 1000)
+    gso = struct.pack("<BBHHHH", 1, 1 if version == 4 else 4, len(ip) + 32, 1448, len(ip), 16)
+    headers = len(ip) + len(tcp)
+    assert wire_size(gso + ip + tcp + payload) == (len(payload) + 10 * headers, 10)
+    plain = struct.pack("<BBHHHH", 0, 0, 0, 0, 0, 0) + ip + tcp + bytes(100)
+    assert wire_size(plain) == (headers + 100, 1)
 
 
 def test_random_loss_drops_the_fraction_asked_for():

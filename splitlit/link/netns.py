@@ -142,11 +142,15 @@ def remove_all(names: list[str]) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
-def point_to_point(netns: str, ifname: str, *, addr: str, peer: str, mtu: int) -> None:
-    """Address a delay line's TUN device ``ifname`` as one end of a point-to-point link to ``peer`` and bring it up."""
+def point_to_point(netns: str, ifname: str, *, addr: str, peer: str, mtu: int, gso_max_segs: int | None) -> None:
+    """Address a delay line's TUN device ``ifname`` as one end of a point-to-point link to ``peer`` and bring it up;
+    ``gso_max_segs``: the most segments of a TCP super-packet it takes (None: it takes none, offload is off)."""
     ip = ["ip", "-n", netns]
     run(ip + ["addr", "add", f"{addr}/32", "peer", f"{peer}/32", "dev", ifname], f"addressing {ifname} in {netns}")
-    run(ip + ["link", "set", ifname, "mtu", str(mtu), "txqueuelen", "1000", "up"], f"bringing up {ifname} in {netns}")
+    segs = ["gso_max_segs", str(gso_max_segs)] if gso_max_segs else []
+    run(ip + ["link", "set", ifname, "mtu", str(mtu), "txqueuelen", "1000", *segs, "up"],
+        f"bringing up {ifname} in {netns}" + (" (if `gso_max_segs` is refused, this kernel or iproute2 is too old "
+                                              "for super-packets: give --no-offload)" if segs else ""))
 
 
 def host_env(base: dict[str, str] | None, *, master_addr: str, port: int, node_rank: int, world_size: int,

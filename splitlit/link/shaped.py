@@ -71,9 +71,10 @@ class ShapedLink(Namespaces):
         self.delayline = DelayLine([wire(spec, client=(ns["client"], IFNAME["client"]),
                                          server=(ns["server"], IFNAME["server"]))])
         self.delayline.start()
-        for role, peer in zip(ROLES, reversed(ROLES)):
+        for role, peer, sends in (("client", "server", "up"), ("server", "client", "down")):
             run(["ip", "-n", ns[role], "link", "set", "lo", "up"], f"bringing up lo in {ns[role]}")
-            point_to_point(ns[role], IFNAME[role], addr=spec.addr(role), peer=spec.addr(peer), mtu=spec.mtu)
+            point_to_point(ns[role], IFNAME[role], addr=spec.addr(role), peer=spec.addr(peer), mtu=spec.mtu,
+                           gso_max_segs=spec.super_packet_segments(sends) if spec.offload_active else None)
 
     def _shape(self, role: str) -> None:
         spec, dev = self.spec, ["dev", IFNAME[role]]

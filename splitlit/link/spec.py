@@ -110,6 +110,15 @@ class LinkSpec:
         the wire is read, and lost, on its own, as netem's ``loss random``)."""
         return self.mode == "delayline" and self.offload and not self.loss
 
+    def super_packet_segments(self, direction: str) -> int:
+        """The most segments in one TCP super-packet the delay line reads from ``direction``'s sender (its TUN
+        device's ``gso_max_segs``, which also holds for forwarded packets): about 1 ms of the line (the kernel's
+        own TSO sizing at the rate, which a short round trip would otherwise raise to 64 KB), at least 2, and
+        at most half the queue, so that a super-packet never overflows an empty queue."""
+        frame = self.mtu + ETHERNET_HEADER
+        one_ms = int(self.rate(direction) / 8 * 1e-3) // frame
+        return max(1, min(self.limit(direction) // 2 // frame, max(2, one_ms)))
+
     @property
     def burst(self) -> int:
         return self.burst_bytes or max(32 * 1024, int(self.bandwidth / 8 * 0.002))

@@ -96,8 +96,11 @@ class StarLink(Namespaces):
         self.delayline.start()
         for i, spec in enumerate(self.specs):
             client, server_addr, client_addr = self.netns[f"client{i}"], self.addr(i, "server"), self.addr(i, "client")
-            point_to_point(client, CLIENT_IF, addr=client_addr, peer=server_addr, mtu=spec.mtu)
-            point_to_point(server, self.server_if(i), addr=server_addr, peer=client_addr, mtu=spec.mtu)
+            segs = {d: spec.super_packet_segments(d) if spec.offload_active else None for d in ("up", "down")}
+            point_to_point(client, CLIENT_IF, addr=client_addr, peer=server_addr, mtu=spec.mtu,
+                           gso_max_segs=segs["up"])
+            point_to_point(server, self.server_if(i), addr=server_addr, peer=client_addr, mtu=spec.mtu,
+                           gso_max_segs=segs["down"])
 
     def _make_veths(self) -> None:
         server = self.netns["server"]
