@@ -94,13 +94,15 @@ class StarLink(Namespaces):
                                          server=(server, self.server_if(i)), name=f"client{i}")
                                     for i, spec in enumerate(self.specs)])
         self.delayline.start()
+        # The server forwards one client's super-packets into another's link as they are: every device gets the
+        # smallest cap of all links, so none overflows the slowest link's queue.
+        cap = min(spec.super_packet_segments(d) for spec in self.specs for d in ("up", "down"))
         for i, spec in enumerate(self.specs):
             client, server_addr, client_addr = self.netns[f"client{i}"], self.addr(i, "server"), self.addr(i, "client")
-            segs = {d: spec.super_packet_segments(d) if spec.offload_active else None for d in ("up", "down")}
-            point_to_point(client, CLIENT_IF, addr=client_addr, peer=server_addr, mtu=spec.mtu,
-                           gso_max_segs=segs["up"])
+            segs = cap if spec.offload_active else None
+            point_to_point(client, CLIENT_IF, addr=client_addr, peer=server_addr, mtu=spec.mtu, gso_max_segs=segs)
             point_to_point(server, self.server_if(i), addr=server_addr, peer=client_addr, mtu=spec.mtu,
-                           gso_max_segs=segs["down"])
+                           gso_max_segs=segs)
 
     def _make_veths(self) -> None:
         server = self.netns["server"]
