@@ -9,7 +9,8 @@ cores)::
     100mbit, 25 ms one way, MTU 1500, offload on: 95.7 Mbit/s; delay line 0.45 s of CPU in 3.49 s (12.9% of one
     core: 6.6% user, 6.0% system); 3565 reads up, 3103 down (68 us of CPU per read); up 25901 segments on the wire
 
-and with ``--no-offload`` (one read per packet) 36-37% of one core. The goal (issue 19): under 5% of one core at 100 Mbit/s. Keep ``--seconds`` short on a shared machine.
+and with ``--no-offload`` (one read per packet) 36-37% of one core. The goal (issue 19): under 5% of one core at
+100 Mbit/s. Keep ``--seconds`` short on a shared machine.
 """
 
 from __future__ import annotations

@@ -168,7 +168,8 @@ def host_env(base: dict[str, str] | None, *, master_addr: str, port: int, node_r
 class Namespaces:
     """Base of the links: a context manager that builds its namespaces on enter and removes them all on exit (or
     when building fails half-way). Subclasses call ``super().__init__()`` and give ``_create`` (recording each
-    namespace in ``_made`` as it is made, and the delay line, if any, in ``delayline``) and ``tun`` (whether the link needs ``/dev/net/tun``)."""
+    namespace in ``_made`` as it is made, and the delay line, if any, in ``delayline``) and ``tun`` (whether the
+    link needs ``/dev/net/tun``)."""
 
     tun = False
 

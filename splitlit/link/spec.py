@@ -40,7 +40,7 @@ class LinkSpec:
         burst_bytes: tbf's bucket; default max(32 KiB, 2 ms at the rate).
         seed: of the delay line's loss and jitter (None: a fresh one each run).
         offload: the delay line's TUN devices take TCP segmentation offload: one read carries a super-packet of up
-            to 64 KB, timed as its segments on the wire (about 1/20 of the CPU at 100 Mbit/s). Only without loss
+            to 64 KB, timed as its segments on the wire (a third of the CPU at 100 Mbit/s). Only without loss
             (loss is per packet on the wire, and a super-packet is lost whole): see :attr:`offload_active`.
         sysctls: ``(key, value)`` pairs set in both namespaces, e.g. ``("net.ipv4.tcp_slow_start_after_idle",
             "0")`` (each namespace has its own TCP settings; the host's are untouched).
