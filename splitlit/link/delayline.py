@@ -31,7 +31,7 @@ Note: the process
     namespaces itself). Checking ``getppid()`` cannot tell the two apart: the death signal comes when the
     launcher's *thread* that forked it exits, and while the launcher's other threads (its output pumps) are
     still dying, the parent is still the launcher. It ignores SIGINT/SIGHUP (the launcher handles those). One
-    ``select`` loop over every device: read what is ready (up to 64 packets per device per turn), write what is
+    ``select`` loop over every device: read what is ready (one packet per device per turn), write what is
     due, sleep until the next packet is due. Its CPU time is reported by :meth:`DelayLine.stop`.
     The TUN devices are not persistent: they disappear with the process.
 """
@@ -67,7 +67,6 @@ _TUN_F_CSUM, _TUN_F_TSO4, _TUN_F_TSO6 = 0x01, 0x02, 0x04
 _VNET_HDR = struct.Struct("<BBHHHH")  # virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
 _GSO_NONE, _GSO_ECN = 0, 0x80
 _PR_SET_PDEATHSIG = 1
-_READ_BATCH = 64
 _READ_SIZE = 1 << 17  # a GSO super-packet (64 KiB of IP) and its header fit
 _READY_TIMEOUT_S = 15.0
 _STOP = signal.SIGUSR1  # from the launcher: stop and report
@@ -250,28 +249,32 @@ def _cpu_seconds() -> float:
 
 def _serve(routes: dict[int, tuple[DelayQueue, int, bool]]) -> None:  # pragma: no cover - in the forked process
     """Move packets until stopped: each fd's packets go through its queue to its other fd (a super-packet, read
-    with its ``virtio_net_hdr``, counted at its segments' bytes on the wire and written with the header)."""
+    with its ``virtio_net_hdr``, counted at its segments' bytes on the wire and written with the header).
+
+    A turn reads one packet from each ready device (the next ``select`` returns at once while more wait), so no
+    read ends in ``EAGAIN``: raising and dropping that exception each turn cost ~10% of the CPU at 100 Mbit/s."""
     fds = list(routes)
     queues = [(queue, out) for queue, out, _ in routes.values()]
-    clock, read, write = time.monotonic, os.read, os.write
+    clock, read, write, wait = time.monotonic, os.read, os.write, select.select
     while True:
-        due = [q.next_due() for q, _ in queues]
-        waits = [d for d in due if d is not None]
-        timeout = max(0.0, min(waits) - clock()) if waits else None
-        readable, _, _ = select.select(fds, [], [], timeout)
+        first = None  # the next packet due anywhere: when to wake if nothing arrives
+        for queue, _ in queues:
+            due = queue.next_due()
+            if due is not None and (first is None or due < first):
+                first = due
+        readable, _, _ = wait(fds, (), (), None if first is None else max(0.0, first - clock()))
         now = clock()
         for fd in readable:
             queue, _, offload = routes[fd]
-            for _ in range(_READ_BATCH):
-                try:
-                    packet = read(fd, _READ_SIZE)
-                except BlockingIOError:
-                    break
-                if offload:
-                    size, segments = wire_size(packet)
-                    queue.push(packet, now, size=size, segments=segments)
-                else:
-                    queue.push(packet, now)
+            try:
+                packet = read(fd, _READ_SIZE)
+            except BlockingIOError:
+                continue
+            if offload:
+                size, segments = wire_size(packet)
+                queue.push(packet, now, size=size, segments=segments)
+            else:
+                queue.push(packet, now)
         now = clock()
         for queue, out in queues:
             for packet in queue.pop_due(now):
