@@ -14,6 +14,7 @@ import random
 import re
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -23,11 +24,11 @@ from pathlib import Path
 import pytest
 
 from splitlit.link import netns, probe
-from splitlit.link import shaped as shaped_module
 from splitlit.link import LINK_ENV, LinkError, LinkSpec, ShapedLink, parse_delay, parse_rate, with_trainer_args
 from splitlit.link.__main__ import main as link_main
 from splitlit.link.delay import DelayQueue
-from splitlit.link.units import parse_delays, parse_percent, parse_size
+from splitlit.link.delayline import wire_size
+from splitlit.link.units import parse_percent, parse_size, per_client
 from tests.twoproc import REPO, SHARED_DATA, Result
 
 CIFAR_WEIGHTS = SHARED_DATA / "weights" / "mobilenet_v2-b0353104.pth"
@@ -52,8 +53,7 @@ def test_delays_losses_and_limits_parse_as_netem_users_write_them():
     """--delay takes us, ms or s (a list: one per client link), --loss a percentage, --limit bytes in tc's units."""
     assert parse_delay("20ms") == pytest.approx(0.02) and parse_delay("500us") == pytest.approx(5e-4)
     assert parse_delay(None) == 0.0 and parse_delay("0") == 0.0
-    assert parse_delays("5ms,80ms", clients=2) == pytest.approx([0.005, 0.08])
-    assert parse_delays("5ms", clients=3) == pytest.approx([0.005] * 3)
+    assert per_client("5ms,80ms", 2, "--delay") == ["5ms", "80ms"] and per_client("5ms", 3, "--delay") == ["5ms"] * 3
     assert parse_percent("0.1%") == pytest.approx(0.001) and parse_percent(None) == 0.0
     assert parse_size("64kb") == 65536 and parse_size("100000") == 100000 and parse_size(None) is None
 
@@ -65,7 +65,7 @@ def test_delays_losses_and_limits_parse_as_netem_users_write_them():
     (["--loss", "150%"], r"--loss '150%' is outside \[0, 100%\): give e\.g\. 0\.1%"),
     (["--loss", "0.01"], r"--loss '0\.01': write it as a percentage with %, e\.g\. 0\.01%"),
     (["--delay", "25ms", "--jitter", "30ms"], r"--jitter 30ms is larger than --delay 25ms: .* at most the delay"),
-    (["--delay", "5ms,80ms"], r"--delay '5ms,80ms' gives 2 delays for 1 client link: .*exactly one per client"),
+    (["--delay", "5ms,80ms"], r"--delay '5ms,80ms' gives 2 values for 1 client link: .*exactly one per client"),
     (["--limit", "10kbit"], r"--limit '10kbit': unknown unit 'kbit'; give bytes with b, kb or mb"),
     (["--bandwidth", "10mbps"], r"--bandwidth '10mbps': .* refused here to avoid an 8x mistake"),
     (["--up", "5mbit"], r"give --bandwidth \(both directions\), or both --up and --down"),
@@ -149,6 +149,31 @@ def test_jitter_spreads_spaced_packets_uniformly_and_never_reorders_a_burst():
     assert [int.from_bytes(p[:4], "big") for p in burst.pop_due(10.0)] == list(range(1000))
 
 
+def test_a_super_packet_takes_the_time_of_its_segments_on_the_wire():
+    """A GSO super-packet of 10 segments (1448 bytes of payload + 52 of IP/TCP headers each) is 10 x 1500 bytes of
+    IP plus 10 Ethernet headers on the wire: at 8 Mbit/s (1 byte/us) 15.14 ms, and the next packet waits for it."""
+    line = DelayQueue(rate_bps=8e6, delay_s=0.010)
+    assert line.push(bytes(14_532), now=0.0, size=15_000, segments=10)
+    assert line.next_due() == pytest.approx(0.01514 + 0.010)
+    assert line.push(bytes(100), now=0.0) and line.backlog(0.0) == 15_100
+    assert [len(p) for p in line.pop_due(0.02514 + 0.000114 + 1e-9)] == [14_532, 100]
+    assert (line.stats.packets, line.stats.segments, line.stats.bytes) == (2, 11, 15_100)
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_a_super_packet_read_from_the_tun_device_counts_every_segment_and_its_headers(version):
+    """``wire_size`` reads the virtio_net_hdr's gso_size and the IP and TCP header lengths: 9 full segments and a
+    partial one of 1000 bytes, each with its own copy of the headers; a packet without GSO is itself."""
+    ip = bytes([0x45]) + bytes(19) if version == 4 else bytes([0x60]) + bytes(39)
+    tcp = bytes(12) + bytes([8 << 4]) + bytes(19)  # data offset 8: 32 bytes with options (timestamps)
+    payload = bytes(9 * 1448 + 1000)
+    gso = struct.pack("<BBHHHH", 1, 1 if version == 4 else 4, len(ip) + 32, 1448, len(ip), 16)
+    headers = len(ip) + len(tcp)
+    assert wire_size(gso + ip + tcp + payload) == (len(payload) + 10 * headers, 10)
+    plain = struct.pack("<BBHHHH", 0, 0, 0, 0, 0, 0) + ip + tcp + bytes(100)
+    assert wire_size(plain) == (headers + 100, 1)
+
+
 def test_random_loss_drops_the_fraction_asked_for():
     """20,000 packets at 5% loss: the lost fraction within 4 binomial standard deviations (+-0.0062)."""
     line = DelayQueue(rate_bps=1e9, loss=0.05, rng=random.Random(7))
@@ -197,9 +222,8 @@ def test_probe_measures_a_stalled_direction_again_and_keeps_the_best(monkeypatch
         calls.append((sender, receiver, nbytes))
         return measured[(sender, receiver)].pop(0)
 
-    monkeypatch.setattr(shaped_module, "probe_rates", probe.probe_rates)
     monkeypatch.setattr(probe, "stream_rate", stream)
-    monkeypatch.setattr(shaped_module, "ping", lambda link, count: {"rtt_ms": 50.2})
+    monkeypatch.setattr(probe, "ping", lambda link, count: {"rtt_ms": 50.2})
     shaped = ShapedLink(LinkSpec(bandwidth_bps=20 * 10**6))  # nothing is made before ``with``
     assert shaped.probe(seconds=0.5) == {"up_mbit": 19.1, "down_mbit": 15.5, "up_bytes": 1_250_000,
                                          "down_bytes": 1_250_000, "rtt_ms": 50.2}
@@ -400,7 +424,7 @@ def test_delay_line_round_trip_and_asymmetric_rates():
     assert abs(probed["up_delay_ms"] - 25) <= 3 and abs(probed["down_delay_ms"] - 25) <= 3, probed
     assert abs(probed["up_mbit"] / (10 * PAYLOAD) - 1) <= 0.10, probed
     assert abs(probed["down_mbit"] / (100 * PAYLOAD) - 1) <= 0.10, probed
-    assert report["up"]["lost"] == 0 and report["cpu_s"] > 0, report
+    assert report["links"][0]["up"]["lost"] == 0 and report["cpu_s"] > 0, report
 
 
 @pytest.mark.slow
@@ -568,7 +592,40 @@ def test_many_clients_each_on_a_link_of_its_own_rate(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").glob("rank*.pt")) == ["rank0.pt", "rank1.pt", "rank2.pt"]
 
 
-def test_many_client_rates_are_one_or_one_per_client(capsys):
-    """A rate list whose length is neither 1 nor --clients is refused, naming the option and the count."""
-    assert link_main(["--clients", "3", "--bandwidth", "10mbit,20mbit", "--", "true"]) == 2
-    assert "--bandwidth '10mbit,20mbit': give one rate, or one per client (3" in capsys.readouterr().err
+@pytest.mark.slow
+def test_many_clients_each_on_a_link_of_its_own_delay(tmp_path):
+    """--clients 2 --delay 5ms,30ms: one delay line serves both client links; each client's probed round trip is
+    within 10% (+1 ms) of twice its own delay, and the run record and each rank's SPLITLIT_LINK_JSON carry each
+    client's link (its delay, the probe's round trip) and the delay line's counters per link."""
+    stats = tmp_path / "stats.json"
+    show = 'test "$NODE_RANK" != 0 || echo "$SPLITLIT_LINK_JSON"'
+    with _link_command(["--clients", "2", "--bandwidth", "20mbit", "--delay", "5ms,30ms", "--probe-seconds", "0.2",
+                        "--seed", "0", "--stats", str(stats), "--", "sh", "-c", show]) as proc:
+        result = _finish(proc, 60)
+        assert not _namespaces(proc.pid)
+    assert result.returncode == 0, result.output[-4000:]
+    record = json.loads(stats.read_text())
+    for delay_ms, probed, settings in zip((5, 30), record["probe"], record["link"]["clients"]):
+        assert abs(probed["rtt_ms"] - 2 * delay_ms) <= 0.1 * 2 * delay_ms + 1, record["probe"]
+        assert (settings["delay_ms"], settings["emulator"], settings["probe_rtt_ms"]) == (
+            delay_ms, "delayline", probed["rtt_ms"])
+    assert [link["up"]["packets"] > 100 for link in record["delayline"]["links"]] == [True, True], record["delayline"]
+    seen = json.loads(next(line for line in result.output.splitlines() if line.startswith("[client0] {"))[10:])
+    assert [c["delay_ms"] for c in seen["clients"]] == [5, 30] and seen["clients"][1]["probe_rtt_ms"] > 50
+    assert re.search(r"client 1 probe: .*round trip 6\d\.\d ms", result.output), result.output[-4000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bandwidth", "10mbit,20mbit"], (r"--bandwidth '10mbit,20mbit' gives 2 values for 3 client links: give one "
+                                       r"value for every client, or exactly one per client \(3, as --clients 3\)")),
+    (["--bandwidth", "10mbit", "--delay", "5ms,80ms"], r"--delay '5ms,80ms' gives 2 values for 3 client links"),
+    (["--bandwidth", "10mbit", "--delay", "5ms,-80ms,5ms"],
+     r"client 1's link: --delay '-80ms' is negative: a delay is 0 or more, e\.g\. 25ms"),
+    (["--bandwidth", "10mbit", "--delay", "5ms,5ms,5ms", "--jitter", "1ms,9ms,1ms"],
+     r"client 1's link: --jitter 9ms is larger than --delay 5ms"),
+])
+def test_many_client_values_are_one_or_one_per_client(args, message, capsys):
+    """A list whose length is neither 1 nor --clients, or a bad value in it, is refused before anything is made,
+    naming the option, the value (and the client) and the fix."""
+    assert link_main(["--clients", "3", *args, "--", "true"]) == 2
+    assert re.search(message, capsys.readouterr().err)

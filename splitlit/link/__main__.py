@@ -16,12 +16,13 @@ from splitlit.link.netns import check_requirements, remove_stale_links
 from splitlit.link.shaped import STOP_SIGNALS, ShapedLink
 from splitlit.link.spec import LinkSpec
 from splitlit.link.star import StarLink
-from splitlit.link.units import parse_delay, parse_delays, parse_percent, parse_rate, parse_size
+from splitlit.link.units import parse_delay, parse_percent, parse_rate, parse_size, per_client
 
 __all__ = ["main"]
 
 
 _VALUE_OPTIONS = ("--bandwidth", "--up", "--down", "--delay", "--jitter", "--loss", "--limit")
+_PER_CLIENT = ("bandwidth", "up", "down", "delay", "jitter", "loss")  # one value, or one per client link
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,25 +32,34 @@ def _parser() -> argparse.ArgumentParser:
                     "(rate, and with --delay/--jitter/--loss the userspace delay line).",
         epilog="examples:\n  sudo python -m splitlit.link --bandwidth 100mbit -- "
                "python -m experiments.cifar10_mobilenet fit --config experiments/configs/cifar10_small.yaml\n"
-               "  sudo python -m splitlit.link --up 5mbit --down 50mbit --delay 40ms --jitter 5ms --loss 0.1% -- ...")
+               "  sudo python -m splitlit.link --up 5mbit --down 50mbit --delay 40ms --jitter 5ms --loss 0.1% -- ...\n"
+               "  sudo python -m splitlit.link --clients 4 --bandwidth 100mbit --delay 5ms,5ms,5ms,80ms -- ...\n"
+               "--bandwidth, --up, --down, --delay, --jitter and --loss take one value, or with --clients one per "
+               "client link, separated by commas.")
     parser.add_argument("--bandwidth", help="rate of both directions, tc units: 100mbit, 1gbit, 500kbit; with "
                                             "--clients one value, or one per client: 100mbit,100mbit,10mbit")
     parser.add_argument("--up", help="client -> server rate (overrides --bandwidth for that direction)")
     parser.add_argument("--down", help="server -> client rate (overrides --bandwidth for that direction)")
     parser.add_argument("--clients", type=int, default=1,
-                        help="many clients: a namespace per client, each on a link of its own rate to the server's "
-                             "(tc tbf; a slow one is the straggler); the job runs on clients + 1 hosts")
+                        help="many clients: a namespace per client, each on a link of its own to the server's "
+                             "(rate, delay, jitter, loss: a slow or far one is the straggler); the job runs on "
+                             "clients + 1 hosts")
     parser.add_argument("--delay", default=None, help="one-way delay of each direction, e.g. 25ms (round trip: "
                                                       "twice it); one value, or one per client link: 5ms,80ms")
     parser.add_argument("--jitter", default=None, help="each packet's delay varies uniformly within +-jitter "
-                                                       "(at most the delay; packets are never reordered), e.g. 5ms")
-    parser.add_argument("--loss", default=None, help="random loss per packet and direction, e.g. 0.1%%")
+                                                       "(at most the delay; packets are never reordered), e.g. 5ms; "
+                                                       "or one per client link")
+    parser.add_argument("--loss", default=None, help="random loss per packet and direction, e.g. 0.1%%; or one per "
+                                                     "client link")
     parser.add_argument("--limit", default=None, help="delay line's queue per direction in bytes (tail drop), "
                                                       "e.g. 256kb; default one bandwidth-delay product, >= 50 ms")
     parser.add_argument("--emulator", default="auto", choices=["auto", "tbf", "delayline", "netem"],
                         help="auto (default): the delay line when --delay/--jitter/--loss is given, tc tbf "
                              "otherwise; netem needs the kernel's sch_netem")
     parser.add_argument("--seed", type=int, default=None, help="seed of the delay line's loss and jitter")
+    parser.add_argument("--no-offload", action="store_true",
+                        help="the delay line reads every packet on its own (default without --loss: TCP "
+                             "super-packets of up to ~1 ms of the line, timed as their segments; less CPU)")
     parser.add_argument("--sysctl", action="append", default=[], metavar="KEY=VALUE",
                         help="set in both namespaces (repeatable), e.g. net.ipv4.tcp_slow_start_after_idle=0")
     parser.add_argument("--mtu", type=int, default=1500, help="MTU of the link's interfaces (default 1500)")
@@ -81,12 +91,13 @@ def _attach_values(argv: list[str]) -> list[str]:
     return out
 
 
-def spec_from_args(args: argparse.Namespace, clients: int = 1) -> LinkSpec:
-    """The link the command line asks for; a :class:`LinkError` names a bad value and how to write it."""
+def spec_from_args(args: argparse.Namespace) -> LinkSpec:
+    """One link the command line asks for (one value per option: see :func:`_per_client`); a :class:`LinkError`
+    names a bad value and how to write it."""
     if not args.bandwidth and not (args.up and args.down):
         raise LinkError("give --bandwidth (both directions), or both --up and --down, e.g. --bandwidth 10mbit or "
                         "--up 5mbit --down 50mbit.")
-    delay = parse_delays(args.delay, clients)[0]  # one client link today: the many-clients launcher takes them all
+    delay = parse_delay(args.delay)
     jitter = parse_delay(args.jitter, "--jitter")  # at most the delay: LinkSpec checks it
     sysctls = []
     for item in args.sysctl:
@@ -99,7 +110,7 @@ def spec_from_args(args: argparse.Namespace, clients: int = 1) -> LinkSpec:
                     down_bps=parse_rate(args.down, "--down") if args.down else None,
                     delay_s=delay, jitter_s=jitter, loss=parse_percent(args.loss), limit_bytes=parse_size(args.limit),
                     emulator=args.emulator, seed=args.seed, mtu=args.mtu, queue_s=args.queue_ms / 1e3,
-                    burst_bytes=args.burst, sysctls=tuple(sysctls))
+                    burst_bytes=args.burst, sysctls=tuple(sysctls), offload=not args.no_offload)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.clients < 1:
             raise LinkError(f"--clients {args.clients}: give the number of clients, 1 or more.")
-        specs = [spec_from_args(one) for one in _per_client(args)]
+        specs = _specs(args)
         if not command:
             parser.error("give the command after --, e.g. --bandwidth 100mbit -- python -m ...")
         if not args.no_trainer_args:
@@ -129,16 +140,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _per_client(args: argparse.Namespace) -> list[argparse.Namespace]:
-    """One set of link options per client: ``--bandwidth a,b,c`` gives client i the i-th rate."""
-    values = {}
-    for name in ("bandwidth", "up", "down"):
-        text = getattr(args, name)
-        parts = text.split(",") if text else [None]
-        if len(parts) not in (1, args.clients):
-            raise LinkError(f"--{name} {text!r}: give one rate, or one per client ({args.clients} with --clients "
-                            f"{args.clients}), separated by commas.")
-        values[name] = parts * args.clients if len(parts) == 1 else parts
+    """One set of link options per client: ``--bandwidth a,b,c`` gives client i the i-th rate, ``--delay 5ms``
+    every client 5 ms (see :data:`_PER_CLIENT`)."""
+    values = {name: per_client(getattr(args, name) or None, args.clients, f"--{name}") for name in _PER_CLIENT}
     return [argparse.Namespace(**{**vars(args), **{k: v[i] for k, v in values.items()}}) for i in range(args.clients)]
+
+
+def _specs(args: argparse.Namespace) -> list[LinkSpec]:
+    """Each client link's :class:`LinkSpec`; with many clients an error names the client whose value it refused."""
+    specs = []
+    for i, one in enumerate(_per_client(args)):
+        try:
+            specs.append(spec_from_args(one))
+        except LinkError as err:
+            raise (LinkError(f"client {i}'s link: {err}") if args.clients > 1 else err) from None
+    return specs
 
 
 def _settings_text(spec: LinkSpec) -> str:
@@ -162,13 +178,19 @@ def _probe_text(probed: dict[str, Any]) -> str:
 
 
 def _delayline_text(report: dict[str, Any]) -> str:
-    def direction(name: str) -> str:
-        d = report[name]
+    """``delay line: 14295 packets up (0 lost, ...), ...; 1.73 s of CPU ...``; with many clients each link's
+    packets after ``client i:``."""
+    def direction(link: dict[str, Any], name: str) -> str:
+        d = link[name]
         return (f"{d['packets'] + d['lost'] + d['dropped']} packets {name} ({d['lost']} lost, {d['dropped']} dropped "
                 f"at the full queue)")
 
-    return (f"delay line: {direction('up')}, {direction('down')}; {report['cpu_s']:.2f} s of CPU in "
-            f"{report['wall_s']:.1f} s ({report['cpu_pct_of_one_core']:.1f}% of one core)")
+    links = report["links"]
+    counts = [f"{direction(link, 'up')}, {direction(link, 'down')}" for link in links]
+    if len(links) > 1:
+        counts = [f"client {i}: {text}" for i, text in enumerate(counts)]
+    return (f"delay line: {'; '.join(counts)}; {report['cpu_s']:.2f} s of CPU in {report['wall_s']:.1f} s "
+            f"({report['cpu_pct_of_one_core']:.1f}% of one core)")
 
 
 def _announce_two(link: ShapedLink, command: list[str], args: argparse.Namespace, stats: dict[str, Any]) -> None:
@@ -183,7 +205,7 @@ def _announce_two(link: ShapedLink, command: list[str], args: argparse.Namespace
 
 
 def _announce_star(link: StarLink, command: list[str], args: argparse.Namespace, stats: dict[str, Any]) -> None:
-    rates = ", ".join(f"client {i}: {_settings_text(spec)}" for i, spec in enumerate(link.specs))
+    rates = "; ".join(f"client {i}: {_settings_text(spec)}" for i, spec in enumerate(link.specs))
     print(f"splitlit.link: {len(link.specs)} clients ({rates})", flush=True)
     if args.probe_seconds > 0:
         stats["probe"] = link.probe(args.probe_seconds)

@@ -2,6 +2,7 @@
 
     queue = DelayQueue(rate_bps=10_000_000, delay_s=0.025, limit_bytes=62_500)
     queue.push(packet, now)                   # False: lost, or dropped at the tail of a full queue
+    queue.push(gso, now, size=45_260, segments=31)   # a TCP super-packet: 31 segments on the wire
     for packet in queue.pop_due(now): ...     # the packets whose time has come, in arrival order
     queue.next_due()                          # when to look again (None: empty)
 
@@ -15,7 +16,12 @@ Note: the model, step by step, for a packet of ``n`` bytes arriving at ``t``
        "in flight" do not count: the limit is the bottleneck's buffer, not netem's whole-qdisc limit;
     3. serialisation: it starts when the line is free (``max(t, end of the previous packet)``) and takes
        ``(n + overhead) * 8 / rate`` seconds; ``overhead`` is the 14-byte Ethernet header a TUN packet lacks,
-       so the rate means what ``tc tbf`` on a veth means (95.7 Mbit/s of TCP payload at 100 Mbit/s);
+       so the rate means what ``tc tbf`` on a veth means (95.7 Mbit/s of TCP payload at 100 Mbit/s). A GSO
+       super-packet (one read of up to 64 KB that the wire carries as ``segments`` packets, each with its own
+       IP and TCP headers) is ``size`` bytes on the wire (its payload plus every segment's headers) and takes
+       ``(size + segments * overhead) * 8 / rate``: the time of its segments back to back. It is queued, lost and
+       delivered whole, after its last segment's time; so the delay line makes super-packets only without loss
+       (:mod:`splitlit.link.delayline`), and the kernel keeps them to about 1 ms of the sender's rate;
     4. delay: it arrives ``delay_s`` after its last bit left, plus jitter drawn uniformly in
        ``[-jitter_s, +jitter_s]`` (netem's default distribution); jitter never exceeds the delay;
     5. order: a packet never arrives before the one ahead of it in this direction (TCP must not see
@@ -38,9 +44,11 @@ __all__ = ["DelayQueue", "QueueStats"]
 
 @dataclass
 class QueueStats:
-    """What one direction did: packets and bytes accepted, lost (random loss), dropped (full queue), delivered."""
+    """What one direction did: packets (reads: a GSO super-packet is one) and bytes accepted, their segments on the
+    wire, lost (random loss), dropped (full queue), delivered (packets)."""
 
     packets: int = 0
+    segments: int = 0
     bytes: int = 0
     lost: int = 0
     dropped: int = 0
@@ -89,9 +97,12 @@ class DelayQueue:
             self._backlog -= serialising.popleft()[1]
         return self._backlog
 
-    def push(self, packet: bytes, now: float) -> bool:
-        """Offer a packet that arrived at ``now``; False if it was lost or the queue was full."""
-        size = len(packet)
+    def push(self, packet: bytes, now: float, *, size: int | None = None, segments: int = 1) -> bool:
+        """Offer a packet that arrived at ``now``; False if it was lost or the queue was full.
+
+        ``size``: its bytes on the wire (default ``len(packet)``); ``segments``: the packets it is on the wire, each
+        paying ``overhead`` (a GSO super-packet's segments; see the module's note)."""
+        size = len(packet) if size is None else size
         if self.loss and self.rng.random() < self.loss:
             self.stats.lost += 1
             return False
@@ -99,7 +110,7 @@ class DelayQueue:
         if backlog + size > self.limit_bytes:
             self.stats.dropped += 1
             return False
-        sent = max(now, self._line_free) + (size + self.overhead) * 8 / self.rate_bps
+        sent = max(now, self._line_free) + (size + segments * self.overhead) * 8 / self.rate_bps
         self._line_free = sent
         self._serialising.append((sent, size))
         self._backlog = backlog + size
@@ -110,6 +121,7 @@ class DelayQueue:
         self._last_arrival = arrival
         self._in_flight.append((arrival, packet))
         self.stats.packets += 1
+        self.stats.segments += segments
         self.stats.bytes += size
         self.stats.max_backlog_bytes = max(self.stats.max_backlog_bytes, self._backlog)
         return True

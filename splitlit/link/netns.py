@@ -17,8 +17,8 @@ from pathlib import Path
 
 from splitlit.link.errors import LinkError
 
-__all__ = ["NS_PREFIX", "STOP_SIGNALS", "Namespaces", "check_requirements", "host_env", "remove_all", "in_netns", "interface_bytes", "remove_netns", "remove_stale_links",
-           "run"]
+__all__ = ["NS_PREFIX", "STOP_SIGNALS", "Namespaces", "check_requirements", "host_env", "in_netns", "interface_bytes",
+           "point_to_point", "remove_all", "remove_netns", "remove_stale_links", "run"]
 
 NS_PREFIX = "splitlit-link-"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -142,6 +142,17 @@ def remove_all(names: list[str]) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
+def point_to_point(netns: str, ifname: str, *, addr: str, peer: str, mtu: int, gso_max_segs: int | None) -> None:
+    """Address a delay line's TUN device ``ifname`` as one end of a point-to-point link to ``peer`` and bring it up;
+    ``gso_max_segs``: the most segments of a TCP super-packet it takes (None: it takes none, offload is off)."""
+    ip = ["ip", "-n", netns]
+    run(ip + ["addr", "add", f"{addr}/32", "peer", f"{peer}/32", "dev", ifname], f"addressing {ifname} in {netns}")
+    segs = ["gso_max_segs", str(gso_max_segs)] if gso_max_segs else []
+    run(ip + ["link", "set", ifname, "mtu", str(mtu), "txqueuelen", "1000", *segs, "up"],
+        f"bringing up {ifname} in {netns}" + (" (if `gso_max_segs` is refused, this kernel or iproute2 is too old "
+                                              "for super-packets: give --no-offload)" if segs else ""))
+
+
 def host_env(base: dict[str, str] | None, *, master_addr: str, port: int, node_rank: int, world_size: int,
              ifname: str, link_env: tuple[str, str]) -> dict[str, str]:
     """The environment of one host's rank: the multi-host variables, gloo's interface and the link settings."""
@@ -156,9 +167,16 @@ def host_env(base: dict[str, str] | None, *, master_addr: str, port: int, node_r
 
 class Namespaces:
     """Base of the links: a context manager that builds its namespaces on enter and removes them all on exit (or
-    when building fails half-way). Subclasses give ``_create``, ``close`` and, for the delay line, ``tun``."""
+    when building fails half-way). Subclasses call ``super().__init__()`` and give ``_create`` (recording each
+    namespace in ``_made`` as it is made, and the delay line, if any, in ``delayline``) and ``tun`` (whether the
+    link needs ``/dev/net/tun``)."""
 
     tun = False
+
+    def __init__(self) -> None:
+        self._made: list[str] = []  # the namespaces made so far, removed (last first) by :meth:`close`
+        self.delayline = None  # a DelayLine: stopped (its report kept in ``delayline_report``) before they go
+        self.delayline_report: dict = {}
 
     def __enter__(self):  # noqa: ANN204 - the subclass
         check_requirements(tun=self.tun)
@@ -177,4 +195,14 @@ class Namespaces:
         raise NotImplementedError
 
     def close(self) -> None:
-        raise NotImplementedError
+        """Stop the delay line (its report goes to ``delayline_report``), then remove the namespaces, and with them
+        whatever still runs in them, the interfaces and the qdiscs."""
+        # A second Ctrl-C must not cut the clean-up short: signals wait until it is done.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            if self.delayline is not None:
+                self.delayline_report = self.delayline.stop()
+                self.delayline = None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        remove_all(self._made)

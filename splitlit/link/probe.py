@@ -22,7 +22,7 @@ from splitlit.link.netns import in_netns
 if TYPE_CHECKING:
     from splitlit.link.shaped import ShapedLink
 
-__all__ = ["datagrams", "ping", "probe_rates", "stream_rate"]
+__all__ = ["datagrams", "measure", "ping", "probe_rates", "stream_rate"]
 
 _STAMP = struct.Struct("!Id")  # sequence number, send time (time.time)
 _SO_TIMESTAMPNS = 35  # Linux's SO_TIMESTAMPNS (= SCM_TIMESTAMPNS); not in Python's socket module
@@ -47,6 +47,13 @@ def _receive(sock: socket.socket, size: int) -> tuple[bytes, float, tuple[str, i
             sec, nsec = _TIMESPEC.unpack(value[:_TIMESPEC.size])
             arrived = sec + nsec * 1e-9
     return data, arrived, peer
+
+
+def measure(link: ShapedLink, seconds: float = 1.0, tries: int = 3, pings: int = 20) -> dict[str, float]:
+    """The link's probe: :func:`ping`'s round trips (first, on the idle link; ``pings`` 0 skips them), then
+    :func:`probe_rates`'s TCP rate of each direction."""
+    measured = ping(link, pings) if pings else {}
+    return {**probe_rates(link, seconds, tries), **measured}
 
 
 def probe_rates(link: ShapedLink, seconds: float = 1.0, tries: int = 3) -> dict[str, float]:

@@ -5,17 +5,14 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import random
-import signal
 import subprocess
 from typing import Any
 
-from splitlit.link.delay import DelayQueue
-from splitlit.link.delayline import DelayLine
+from splitlit.link.delayline import DelayLine, wire
 from splitlit.link.errors import LinkError
-from splitlit.link.netns import NS_PREFIX, STOP_SIGNALS, Namespaces, host_env, remove_all, run
-from splitlit.link.probe import ping, probe_rates
-from splitlit.link.spec import DIRECTIONS, ETHERNET_HEADER, IFNAME, NODE_RANK, ROLES, LinkSpec
+from splitlit.link.netns import NS_PREFIX, STOP_SIGNALS, Namespaces, host_env, point_to_point, run
+from splitlit.link.probe import measure
+from splitlit.link.spec import IFNAME, NODE_RANK, ROLES, LinkSpec
 
 __all__ = ["LINK_ENV", "STOP_SIGNALS", "ShapedLink"]
 
@@ -36,14 +33,12 @@ class ShapedLink(Namespaces):
     """
 
     def __init__(self, spec: LinkSpec, *, port: int = 29500) -> None:
+        super().__init__()
         self.spec = spec
         self.port = port
         stem = f"{NS_PREFIX}{os.getpid()}-{next(_counter)}"
         self.netns = {role: f"{stem}-{role}" for role in ROLES}
         self.probed: dict[str, float] | None = None
-        self.delayline: DelayLine | None = None
-        self.delayline_report: dict[str, Any] = {}
-        self._made: list[str] = []
 
     @property
     def tun(self) -> bool:
@@ -73,19 +68,13 @@ class ShapedLink(Namespaces):
     def _start_delayline(self) -> None:
         """Fork the delay line (it makes the two TUN devices), then address them point to point and bring them up."""
         spec, ns = self.spec, self.netns
-        seed = random.Random(spec.seed).getrandbits(64)  # None: a fresh seed; else the same draws every run
-        queues = {d: DelayQueue(rate_bps=spec.rate(d), delay_s=spec.delay_s, jitter_s=spec.jitter_s, loss=spec.loss,
-                                limit_bytes=spec.limit(d), overhead=ETHERNET_HEADER, rng=random.Random(f"{seed}{d}"))
-                  for d in DIRECTIONS}
-        self.delayline = DelayLine(netns=ns, up=queues["up"], down=queues["down"])
+        self.delayline = DelayLine([wire(spec, client=(ns["client"], IFNAME["client"]),
+                                         server=(ns["server"], IFNAME["server"]))])
         self.delayline.start()
-        for role, peer in zip(ROLES, reversed(ROLES)):
-            ip = ["ip", "-n", ns[role]]
-            run(ip + ["addr", "add", f"{spec.addr(role)}/32", "peer", f"{spec.addr(peer)}/32", "dev", IFNAME[role]],
-                f"addressing {IFNAME[role]}")
-            run(ip + ["link", "set", "lo", "up"], f"bringing up lo in {ns[role]}")
-            run(ip + ["link", "set", IFNAME[role], "mtu", str(spec.mtu), "txqueuelen", "1000", "up"],
-                f"bringing up {IFNAME[role]}")
+        for role, peer, sends in (("client", "server", "up"), ("server", "client", "down")):
+            run(["ip", "-n", ns[role], "link", "set", "lo", "up"], f"bringing up lo in {ns[role]}")
+            point_to_point(ns[role], IFNAME[role], addr=spec.addr(role), peer=spec.addr(peer), mtu=spec.mtu,
+                           gso_max_segs=spec.super_packet_segments(sends) if spec.offload_active else None)
 
     def _shape(self, role: str) -> None:
         spec, dev = self.spec, ["dev", IFNAME[role]]
@@ -106,18 +95,6 @@ class ShapedLink(Namespaces):
                             f"({result.stderr.strip()}). Use the delay line instead: leave --emulator out "
                             f"(or give --emulator delayline).")
         run(tc + ["parent", "1:1", "handle", "10:", *tbf], f"shaping {IFNAME[role]} with tbf under netem")
-
-    def close(self) -> None:
-        """Stop whatever still runs in the namespaces, then delete them (the veth pair and qdiscs go with them)."""
-        # A second Ctrl-C must not cut the clean-up short: signals wait until it is done.
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            if self.delayline is not None:
-                self.delayline_report = self.delayline.stop()
-                self.delayline = None
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        remove_all(self._made)
 
     # using it
     def exec_prefix(self, role: str) -> list[str]:
@@ -146,8 +123,7 @@ class ShapedLink(Namespaces):
         return out
 
     def probe(self, seconds: float = 1.0, tries: int = 3, pings: int = 20) -> dict[str, float]:
-        """Measure the round trip (:func:`~splitlit.link.probe.ping`, on the idle link, first) and each direction's
-        rate (:func:`~splitlit.link.probe.probe_rates`); kept for :meth:`describe` and so the run config."""
-        measured = ping(self, pings) if pings else {}
-        self.probed = {**probe_rates(self, seconds, tries), **measured}
+        """The round trip and each direction's rate (:func:`~splitlit.link.probe.measure`); kept for
+        :meth:`describe` and so the run config."""
+        self.probed = measure(self, seconds, tries, pings)
         return self.probed

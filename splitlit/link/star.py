@@ -1,13 +1,20 @@
-"""Many clients on one machine: a namespace per client, each joined to the server's by a link of its own rate.
+"""Many clients on one machine: a namespace per client, each joined to the server's by a link of its own.
 
     with StarLink([LinkSpec(bandwidth_bps=10**8), LinkSpec(bandwidth_bps=10**7)]) as link:   # a slow client 1
         subprocess.run(link.exec_prefix("client1") + ["python", "..."], env=link.env("client1"))
+    StarLink([LinkSpec(bandwidth_bps=10**8, delay_s=0.005), LinkSpec(bandwidth_bps=10**8, delay_s=0.08)])  # a far one
 
-Client ``i``'s link is a veth pair between its namespace (``sl-client``, 10.78.i.1) and the server's
-(``sl-c<i>``, 10.78.i.2), shaped by ``tc tbf`` at each end (the client's end at its up rate, the server's at its
-down rate). The server's namespace forwards between the links, so what the clients send each other (SplitFed's
-averaging, sequential's hand-offs) crosses both clients' links, as it would cross their access links. Rates
-only: delay, jitter and loss are the two-host delay line's (:class:`~splitlit.link.shaped.ShapedLink`).
+Client ``i``'s link joins its namespace (``sl-client``, 10.78.i.1) to the server's (``sl-c<i>``, 10.78.i.2):
+
+- rates alone: a veth pair shaped by ``tc tbf`` at each end (the client's end at its up rate, the server's at its
+  down rate);
+- when any client link asks for a delay, jitter or loss: every link is a pair of TUN devices (one in the
+  client's namespace, one in the server's) served by ONE delay line process (:mod:`splitlit.link.delayline`)
+  that selects over all of them, each link with its own queues (rate, delay, jitter, loss, limit). Links
+  without a delay still cross the delay line, at their rate: one emulator for all keeps the clients comparable.
+
+The server's namespace forwards between the links, so what the clients send each other (SplitFed's averaging,
+sequential's hand-offs) crosses both clients' links, as it would cross their access links.
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ import os
 from types import SimpleNamespace
 from typing import Any
 
+from splitlit.link.delayline import DelayLine, wire
 from splitlit.link.errors import LinkError
-from splitlit.link.netns import NS_PREFIX, Namespaces, host_env, remove_all, run
-from splitlit.link.probe import probe_rates
+from splitlit.link.netns import NS_PREFIX, Namespaces, host_env, point_to_point, run
+from splitlit.link.probe import measure
 from splitlit.link.shaped import LINK_ENV
 from splitlit.link.spec import LinkSpec
 
@@ -35,18 +43,21 @@ class StarLink(Namespaces):
     """``len(specs)`` clients and a server, each client on a link of its own (see the module docstring)."""
 
     def __init__(self, specs: list[LinkSpec], *, port: int = 29500) -> None:
+        super().__init__()
         if len(specs) > 250:
             raise LinkError(f"--clients {len(specs)}: at most 250 client links.")
         for i, spec in enumerate(specs):
-            if spec.mode != "tbf":
-                raise LinkError(f"client {i}'s link asks for a delay, jitter or loss: with --clients the links are "
-                                f"shaped by rate only (tc tbf). Leave out --delay, --jitter and --loss.")
-        self.specs = specs
+            if spec.mode == "netem":
+                raise LinkError(f"StarLink: client {i}'s link asks for --emulator netem; with --clients the links "
+                                f"are tc tbf (rates) or the delay line: leave --emulator out (or give delayline).")
+        self.mode = "delayline" if any(spec.mode == "delayline" for spec in specs) else "tbf"
+        # One emulator for every link: the ones without a delay say so in the run record (emulator: delayline).
+        self.specs = [dataclasses.replace(spec, emulator=self.mode) for spec in specs]
         self.port = port
+        self.probed: list[dict[str, float]] | None = None
         self.roles = [f"client{i}" for i in range(len(specs))] + ["server"]
         stem = f"{NS_PREFIX}{os.getpid()}-{next(_counter)}"
         self.netns = {role: f"{stem}-{role}" for role in self.roles}
-        self._made: list[str] = []
 
     @staticmethod
     def addr(client: int, role: str) -> str:
@@ -54,6 +65,10 @@ class StarLink(Namespaces):
 
     def server_if(self, client: int) -> str:
         return f"sl-c{client}"
+
+    @property
+    def tun(self) -> bool:
+        return self.mode == "delayline"
 
     def _create(self) -> None:
         server = self.netns["server"]
@@ -63,6 +78,34 @@ class StarLink(Namespaces):
             run(["ip", "-n", self.netns[role], "link", "set", "lo", "up"], f"bringing up lo in {self.netns[role]}")
         run(["ip", "netns", "exec", server, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"],
             "letting the server's namespace forward between the client links")
+        if self.mode == "delayline":
+            self._start_delayline()
+        else:
+            self._make_veths()
+        for i in range(len(self.specs)):
+            run(["ip", "-n", self.netns[f"client{i}"], "route", "add", "10.78.0.0/16", "via", self.addr(i, "server")],
+                f"routing client {i} to the others through the server")
+
+    def _start_delayline(self) -> None:
+        """Fork the one delay line (it makes a TUN device at both ends of every client link), then address each
+        pair point to point and bring it up."""
+        server = self.netns["server"]
+        self.delayline = DelayLine([wire(spec, client=(self.netns[f"client{i}"], CLIENT_IF),
+                                         server=(server, self.server_if(i)), name=f"client{i}")
+                                    for i, spec in enumerate(self.specs)])
+        self.delayline.start()
+        # The server forwards one client's super-packets into another's link as they are: every device gets the
+        # smallest cap of all links, so none overflows the slowest link's queue.
+        cap = min(spec.super_packet_segments(d) for spec in self.specs for d in ("up", "down"))
+        for i, spec in enumerate(self.specs):
+            client, server_addr, client_addr = self.netns[f"client{i}"], self.addr(i, "server"), self.addr(i, "client")
+            segs = cap if spec.offload_active else None
+            point_to_point(client, CLIENT_IF, addr=client_addr, peer=server_addr, mtu=spec.mtu, gso_max_segs=segs)
+            point_to_point(server, self.server_if(i), addr=server_addr, peer=client_addr, mtu=spec.mtu,
+                           gso_max_segs=segs)
+
+    def _make_veths(self) -> None:
+        server = self.netns["server"]
         for i, spec in enumerate(self.specs):
             client = self.netns[f"client{i}"]
             run(["ip", "link", "add", CLIENT_IF, "netns", client, "mtu", str(spec.mtu), "type", "veth", "peer", "name",
@@ -73,11 +116,6 @@ class StarLink(Namespaces):
                 run(["ip", "-n", ns, "link", "set", dev, "up"], f"bringing up {dev}")
                 run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "tbf", "rate", f"{rate}bit",
                      "burst", str(spec.burst), "latency", f"{spec.queue_s * 1e3:g}ms"], f"shaping {dev} with tbf")
-            run(["ip", "-n", client, "route", "add", "10.78.0.0/16", "via", self.addr(i, "server")],
-                f"routing client {i} to the others through the server")
-
-    def close(self) -> None:
-        remove_all(self._made)
 
     def exec_prefix(self, role: str) -> list[str]:
         return ["ip", "netns", "exec", self.netns[role]]
@@ -89,9 +127,15 @@ class StarLink(Namespaces):
                         link_env=(LINK_ENV, json.dumps(self.describe())))
 
     def describe(self) -> dict[str, Any]:
-        return {"clients": [spec.describe() for spec in self.specs],
-                "emulated": "a network namespace per client, each joined to the server's by a veth pair shaped by "
-                            "tc tbf; the server's namespace forwards between the client links"}
+        """Each client link's settings (and, once probed, its ``probe_*`` results), as they go into the run config."""
+        clients = [spec.describe() for spec in self.specs]
+        for settings, probed in zip(clients, self.probed or []):
+            settings.update({f"probe_{k}": v for k, v in probed.items()})
+        joined = {"tbf": "a veth pair shaped by tc tbf",
+                  "delayline": "a pair of TUN devices, all served by one userspace delay line process"}[self.mode]
+        return {"clients": clients, "emulator": self.mode,
+                "emulated": f"a network namespace per client, each joined to the server's by {joined}; the "
+                            f"server's namespace forwards between the client links"}
 
     def link_of(self, client: int) -> Any:
         """Client ``client``'s link as a two-host link (``spec``, ``netns``), for :mod:`splitlit.link.probe`."""
@@ -100,9 +144,11 @@ class StarLink(Namespaces):
         return SimpleNamespace(spec=spec, netns={"client": self.netns[f"client{client}"],
                                                  "server": self.netns["server"]})
 
-    def probe(self, seconds: float = 1.0, tries: int = 3) -> list[dict[str, float]]:
-        """Each client link's measured rates (``up_mbit``, ``down_mbit``), one link at a time."""
-        return [probe_rates(self.link_of(i), seconds, tries) for i in range(len(self.specs))]
+    def probe(self, seconds: float = 1.0, tries: int = 3, pings: int = 20) -> list[dict[str, float]]:
+        """Each client link's round trip and rates (:func:`~splitlit.link.probe.measure`), one link at a time;
+        kept for :meth:`describe` and so the run config."""
+        self.probed = [measure(self.link_of(i), seconds, tries, pings) for i in range(len(self.specs))]
+        return self.probed
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Bytes each client's link carried so far, as its own end counts them."""

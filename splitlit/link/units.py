@@ -9,7 +9,7 @@ import re
 
 from splitlit.link.errors import LinkError
 
-__all__ = ["parse_delay", "parse_delays", "parse_percent", "parse_rate", "parse_size", "rate_text"]
+__all__ = ["parse_delay", "parse_percent", "parse_rate", "parse_size", "per_client", "rate_text"]
 
 _RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
 _TIME_UNITS = {"us": 1e-6, "usec": 1e-6, "ms": 1e-3, "msec": 1e-3, "s": 1.0, "sec": 1.0}
@@ -52,17 +52,17 @@ def parse_delay(text: str | None, option: str = "--delay") -> float:
     return value * _TIME_UNITS[unit.lower()]
 
 
-def parse_delays(text: str | None, clients: int = 1, option: str = "--delay") -> list[float]:
-    """``"5ms,80ms"`` -> one delay per client link; a single value applies to every client."""
-    parts = [p for p in str(text).split(",")] if text is not None else [None]
-    delays = [parse_delay(p, option) for p in parts]
-    if len(delays) == 1:
-        return delays * clients
-    if len(delays) != clients:
-        raise LinkError(f"{option} {text!r} gives {len(delays)} delays for {clients} client link"
-                        f"{'s' if clients != 1 else ''}: give one delay for all, or exactly one per client "
-                        f"({clients} here).")
-    return delays
+def per_client(text: str | None, clients: int, option: str) -> list[str | None]:
+    """``"5ms,80ms"`` -> ``["5ms", "80ms"]``: one value per client link (``--clients``); one value is every
+    client's. Each value is read by its option's parser afterwards."""
+    parts = [part.strip() for part in str(text).split(",")] if text is not None else [None]
+    if len(parts) == 1:
+        return parts * clients
+    if len(parts) != clients:
+        raise LinkError(f"{option} {text!r} gives {len(parts)} values for {clients} client link"
+                        f"{'s' if clients != 1 else ''}: give one value for every client, or exactly one per "
+                        f"client ({clients}, as --clients {clients}), separated by commas.")
+    return parts
 
 
 def parse_percent(text: str | None, option: str = "--loss") -> float:
