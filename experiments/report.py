@@ -8,15 +8,16 @@ Writes into ``--out``:
 - ``table.md`` and ``table.csv``: one row per split setting (the report's section 2.2 table): compress method,
   compress rate, accuracy (best validation accuracy, %), bandwidth average, bandwidth peak client, bandwidth
   peak server (MB/s, MB = 10**6 bytes), computation time, total time per batch (s), chunks and ``n``, the
-  number of runs. Runs of one group that differ only by seed (``seed_everything``, CoLA's ``data.seed``; see
+  number of runs; an ``Options`` column names what else tells settings apart (e.g. ``deferred_batchnorm=True``)
+  when they differ in more than the method and chunks. Runs of one group that differ only by seed (``seed_everything``, CoLA's ``data.seed``; see
   :func:`setting`) are one row: each figure is their mean, the Markdown shows ``mean ± std`` (sample standard
   deviation) and the CSV has the std in ``<column>_std``; the CSV also names the runs and their group. The
   figures are the runs' ``_run`` summaries written by :class:`~callbacks.LinkTrafficMonitor`,
   :class:`~callbacks.PipelineTimingMonitor` and :class:`~callbacks.BestMetric`.
 - ``bandwidth_peak.png``, ``bandwidth_avg.png``, ``time_per_batch.png``, ``computation_time.png``: those
-  figures against chunks, one line per compress method (the report's figures 6-9; runs that share a group, a
-  method and a chunk count are averaged, with a ± 1 std error bar over seeds; with several groups each line is
-  one method of one group).
+  figures against chunks, one line per compress method (and options) (the report's figures 6-9; runs that share
+  a group, a method, options and a chunk count are averaged, with a ± 1 std error bar over seeds; with several
+  groups each line is one method of one group); ``accuracy.png``: the best validation accuracy the same way.
 - ``val_mcc_<group>.png`` / ``val_acc_<group>.png``: the validation metric against epoch, one line per setting of
   the group (e.g. the 10, 20, 40, 80-epoch runs of ``experiments.sweep``), the best epoch marked (figures 1-4).
   A setting run with several seeds is drawn as the mean over seeds with a band of ± 1 sample standard deviation
@@ -78,6 +79,7 @@ FIGURES = {  # file -> (title, y label, [(table column, line style label)])
     "bandwidth_avg.png": ("Average bandwidth", "MB/s", [("bandwidth_avg_MBps", "")]),
     "time_per_batch.png": ("Time per batch", "s", [("time_per_batch_s", "")]),
     "computation_time.png": ("Computation time per batch", "s", [("computation_time_s", "")]),
+    "accuracy.png": ("Best validation accuracy", "%", [("acc", "")]),
 }
 
 
@@ -179,16 +181,18 @@ def build_table(runs: Sequence[Run]) -> pd.DataFrame:
         row.update(chunks=int(run.config["chunks"]), run=run.name, group=run.group, setting=setting(run))
         rows.append(row)
     columns = ["compress_method", *TABLE, "chunks", "run", "group", "setting"]
-    return pd.DataFrame(rows, columns=columns).sort_values(["compress_method", "chunks"], kind="stable")
+    table = pd.DataFrame(rows, columns=columns)
+    labels = _option_labels(list(dict.fromkeys(table["setting"])))
+    table.insert(1, "options", [labels.get(key, "") for key in table["setting"]])
+    return table.sort_values(["compress_method", "chunks"], kind="stable")
 
 
 def seed_table(table: pd.DataFrame) -> pd.DataFrame:
     """One row per setting of :func:`build_table`'s runs: each figure's mean over the runs that differ only by seed,
     its sample standard deviation in ``<column>_std`` (NaN for a single run), ``n`` and the runs' names."""
     rows = []
-    labels = _option_labels(list(dict.fromkeys(table["setting"])))
-    for key, runs in table.groupby("setting", sort=False):
-        row = {"compress_method": runs["compress_method"].iloc[0], "options": labels.get(key, "")}
+    for _, runs in table.groupby("setting", sort=False):
+        row = {"compress_method": runs["compress_method"].iloc[0], "options": runs["options"].iloc[0]}
         row.update({col: runs[col].mean() for col in TABLE})
         row.update(chunks=int(runs["chunks"].iloc[0]), n=len(runs), run=", ".join(runs["run"]),
                    group=runs["group"].iloc[0])
@@ -255,12 +259,13 @@ def _figure():
 def plot_against_chunks(table: pd.DataFrame, file: str, out: Path) -> Path:
     title, unit, series = FIGURES[file]
     plt, fig, ax = _figure()
-    keys = ["group", "compress_method", "chunks"]
+    keys = ["group", "compress_method", "options", "chunks"]
     means = table.groupby(keys, as_index=False).mean(numeric_only=True)
     spreads = table.groupby(keys, as_index=False).std(numeric_only=True)  # over the runs pooled in each point
     several = means["group"].nunique() > 1  # then a line is one compress method of one experiment
-    for i, ((group, method), rows) in enumerate(means.groupby(["group", "compress_method"], sort=True)):
-        method = f"{group}: {method}" if several else method
+    lines = means.groupby(["group", "compress_method", "options"], sort=True)
+    for i, ((group, method, options), rows) in enumerate(lines):
+        method = (f"{group}: {method}" if several else method) + (f", {options}" if options else "")
         spread = spreads.loc[rows.index]
         for (column, role), style in zip(series, ("-o", "--s")):
             ax.errorbar(rows["chunks"], rows[column], yerr=spread[column].fillna(0.0), fmt=style, color=f"C{i}",
