@@ -19,9 +19,9 @@ standard deviation, n, and the paired difference to its baseline (same seeds) wi
 (:mod:`experiments.stats`) and what that interval says against ±1 point; ``--seed`` runs one seed (no spread,
 no interval). The baseline is ``none``, except for a codec whose network adapts to it (``CodecCalibration``'s
 default): that adaptation also trains the network (its student sees BatchNorm's batch statistics, its teacher
-the running ones), so such a row is paired with ``none`` given the same adaptation steps (the control row). Runs go seed by seed, and
-``--json`` (default ``runs/bench_codecs.json``) is rewritten after each with every row's per-seed values, so a
-bench cut short keeps the seeds it finished. ``--only`` / ``--skip`` pick rows, so rows can run in parallel
+the running ones), so such a row is paired with ``none`` given the same adaptation steps (the control row).
+Runs go seed by seed, and ``--json`` (default ``runs/bench_codecs.json``) is rewritten after each with every
+row's per-seed values, so a bench cut short keeps the seeds it finished. ``--only`` / ``--skip`` pick rows, so rows can run in parallel
 processes; ``--merge`` then joins their JSON files into one paired table.
 
 The codecs run unsplit (same modules as the split run); bytes are :func:`splitlit.traffic.analytic_link_bytes`,
@@ -281,7 +281,8 @@ _PER_INVOCATION = ("seed", "seeds", "only", "skip", "default_only", "json", "mer
 def _table(results: list[dict]) -> str:
     header = (f"| {'codec':<14}| {'initialisation':<24}| {'acc % (mean ± std)':>18} | {'n':>2} | "
               f"{'paired with':<22} | {'Δ acc, paired [95% CI]':>22} | {'verdict':>16} | {'rate':>6} | "
-              f"{'rate@224':>8} | {'up B/chunk':>11} | {'down B/chunk':>12} | {'err up':>6} | {'err down':>8} | {'err tail':>8} | {'calib s':>7} | {'s':>5} |")
+              f"{'rate@224':>8} | {'up B/chunk':>11} | {'down B/chunk':>12} | {'err up':>6} | {'err down':>8} | "
+              f"{'err tail':>8} | {'calib s':>7} | {'s':>5} |")
     rule = "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"
     return "\n".join([header, rule, *map(_table_line, results)])
 
@@ -291,7 +292,8 @@ def _table_line(r: dict) -> str:
     return (f"| {r['codec']:<14}| {r['initialisation']:<24}| {format_mean(r['acc']):>18} | {r['acc']['n']:>2} | "
             f"{r.get('baseline') or '-':<22} | {format_difference(r['acc']):>22} | "
             f"{verdict(r['acc']) if (r['codec'], r['initialisation']) != ('none', '-') else '-':>16} | "
-            f"{r['rate']:6.4f} | {r['rate224']:8.4f} | {r['up']:11,} | {r['down']:12,} | {err(r['err_up']):>6} | {err(r['err_down']):>8} | {err(r['err_tail']):>8} | "
+            f"{r['rate']:6.4f} | {r['rate224']:8.4f} | {r['up']:11,} | {r['down']:12,} | {err(r['err_up']):>6} | "
+            f"{err(r['err_down']):>8} | {err(r['err_tail']):>8} | "
             f"{r['calib_seconds']:7.0f} | {r['seconds']:5.0f} |")
 
 

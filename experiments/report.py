@@ -9,9 +9,10 @@ Writes into ``--out``:
   compress rate, accuracy (best validation accuracy, %), bandwidth average, bandwidth peak client, bandwidth
   peak server (MB/s, MB = 10**6 bytes), computation time, total time per batch (s), chunks and ``n``, the
   number of runs; an ``Options`` column names what else tells settings apart (e.g. ``deferred_batchnorm=True``)
-  when they differ in more than the method and chunks. Runs of one group that differ only by seed (``seed_everything``, CoLA's ``data.seed``; see
-  :func:`setting`) are one row: each figure is their mean, the Markdown shows ``mean ± std`` (sample standard
-  deviation) and the CSV has the std in ``<column>_std``; the CSV also names the runs and their group. The
+  when they differ in more than the method and chunks. Runs of one group that differ only by seed
+  (``seed_everything``, CoLA's ``data.seed``; see :func:`setting`) are one row: each figure is their mean, the
+  Markdown shows ``mean ± std`` (sample standard deviation) and the CSV has the std in ``<column>_std``; the
+  CSV also names the runs and their group. The
   figures are the runs' ``_run`` summaries written by :class:`~callbacks.LinkTrafficMonitor`,
   :class:`~callbacks.PipelineTimingMonitor` and :class:`~callbacks.BestMetric`.
 - ``bandwidth_peak.png``, ``bandwidth_avg.png``, ``time_per_batch.png``, ``computation_time.png``: those

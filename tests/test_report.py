@@ -11,8 +11,9 @@ import pytest
 from experiments import report
 from tests.fixtures.report_runs import make_runs, make_seed_runs, split_summary, write_run
 
-EXPECTED_PNGS = ["accuracy.png", "bandwidth_avg.png", "bandwidth_peak.png", "computation_time.png", "time_per_batch.png",
-                 "val_acc_cifar10_mobilenet.png", "val_acc_cola_gpipe-sweep.png", "val_mcc_cola_gpipe-sweep.png"]
+EXPECTED_PNGS = ["accuracy.png", "bandwidth_avg.png", "bandwidth_peak.png", "computation_time.png",
+                 "time_per_batch.png", "val_acc_cifar10_mobilenet.png", "val_acc_cola_gpipe-sweep.png",
+                 "val_mcc_cola_gpipe-sweep.png"]
 
 
 def png_size(path) -> tuple[int, int]:
