@@ -25,6 +25,10 @@ it (one line per chunk count):
     sudo .venv/bin/python -m experiments.bench_link --out runs/bench_delay --bandwidths 10mbit \\
         --codecs convinsert097 --delays 0,25ms                                  # 6 runs, ~6 min on 2 CPU cores
 
+``--orders gpipe 1f1b zb`` runs each setting once per pipeline order (a run's name ends in its order, but for
+1f1b): the report's figures then have a line per order, and the delay table a row per order. The goals compare
+the 1f1b runs.
+
 The bound of a row (:func:`batch_bound`): the busiest of the four stages a batch goes through (client compute,
 server compute, the client -> server bytes at the up rate, the server -> client bytes at the down rate, as
 measured in that run), plus the pipeline's fill and drain (the other three stages' time for one micro-batch:
@@ -51,6 +55,7 @@ from lightning.pytorch.loggers import CSVLogger
 from typing_extensions import override
 
 from splitlit.link import IFNAME, LinkError, interface_bytes, parse_delay
+from splitlit.schedule import ORDERS
 
 __all__ = ["WireBytes", "batch_bound", "check_goals", "delay_rows", "main", "parse_delay_list"]
 
@@ -107,14 +112,15 @@ class WireBytes(Callback):
 
 def run_command(*, bandwidth: str, codec: str, chunks: int, root: Path, group: str, stats: Path,
                 extra: list[str], delay_ms: float | None = None, name: str | None = None,
-                sysctls: list[str] = ()) -> list[str]:
+                sysctls: list[str] = (), order: str = "1f1b") -> list[str]:
     """One run over the shaped link (over the delay line, with ``delay_ms`` one way, when that is given)."""
     fit = [sys.executable, "-m", "experiments.cifar10_mobilenet", "fit",
            "--config", f"experiments/configs/cifar10_{codec}_c{chunks}.yaml",
            "--config", "experiments/configs/cifar10_link.yaml",
            "--trainer.default_root_dir", str(root), "--run.group", group,
            "--run.name", name or f"{bandwidth}-{codec}-c{chunks}", "--run.codec", CODECS[codec],
-           "--run.wandb", "offline", "--trainer.callbacks+=experiments.bench_link.WireBytes", *extra]
+           "--run.wandb", "offline", "--trainer.callbacks+=experiments.bench_link.WireBytes",
+           "--trainer.strategy.init_args.order", order, *extra]
     link = ["--bandwidth", bandwidth]
     if delay_ms is not None:
         link += ["--delay", f"{delay_ms:g}ms", "--emulator", "delayline"]
@@ -147,7 +153,7 @@ def batch_bound(*, client_s: float, server_s: float, up_bytes: float, down_bytes
 
 
 def delay_rows(out: Path, links: list[tuple[str, str, float]], codecs: list[str],
-               chunks: list[int]) -> list[dict[str, Any]]:
+               chunks: list[int], orders: list[str] = ("1f1b",)) -> list[dict[str, Any]]:
     """One row per finished run of the delay sweep: time per batch, its parts, the bound and the ratio to it.
 
     ``links``: (bandwidth, the runs' folder name, one-way delay in ms); a folder name ending in ``_sysctl`` (runs
@@ -155,33 +161,33 @@ def delay_rows(out: Path, links: list[tuple[str, str, float]], codecs: list[str]
     rows = []
     for bandwidth, link_name, delay_ms in links:
         label = bandwidth + ("_sysctl" if link_name.endswith("_sysctl") else "")
-        for codec in codecs:
-            for n in chunks:
-                run = out / link_name / f"{link_name}-{codec}-c{n}"
-                if not (run / "summary.json").is_file():
-                    continue
-                s = json.loads((run / "summary.json").read_text())
-                link = json.loads((run / "run.json").read_text()).get("link") or {}
-                per_chunk = lambda flow: s.get(f"link/{flow}_bytes_per_chunk_run", 0.0) * n  # noqa: E731
-                up = per_chunk("up_activation") + per_chunk("down_gradient")
-                down = per_chunk("up_gradient") + per_chunk("down_activation")
-                client, server = s["time/compute_client_s_run"], s["time/compute_server_s_run"]
-                bound = batch_bound(client_s=client, server_s=server, up_bytes=up, down_bytes=down,
-                                    up_bps=link["up_mbit"] * 1e6, down_bps=link["down_mbit"] * 1e6,
-                                    delay_s=delay_ms / 1e3, chunks=n)
-                rows.append({"bandwidth": label, "delay_ms": delay_ms, "rtt_ms": link.get("probe_rtt_ms"),
-                             "codec": codec, "chunks": n, "time_per_batch_s": s["time/batch_s_run"],
-                             "client_s": client, "server_s": server, "up_MB": up / 1e6, "down_MB": down / 1e6,
-                             "bound_s": bound, "ratio": s["time/batch_s_run"] / bound})
+        for codec, n, order in ((c, n, o) for c in codecs for n in chunks for o in orders):
+            run = out / link_name / (f"{link_name}-{codec}-c{n}" + ("" if order == "1f1b" else f"-{order}"))
+            if not (run / "summary.json").is_file():
+                continue
+            s = json.loads((run / "summary.json").read_text())
+            link = json.loads((run / "run.json").read_text()).get("link") or {}
+            per_chunk = lambda flow: s.get(f"link/{flow}_bytes_per_chunk_run", 0.0) * n  # noqa: E731
+            up = per_chunk("up_activation") + per_chunk("down_gradient")
+            down = per_chunk("up_gradient") + per_chunk("down_activation")
+            client, server = s["time/compute_client_s_run"], s["time/compute_server_s_run"]
+            bound = batch_bound(client_s=client, server_s=server, up_bytes=up, down_bytes=down,
+                                up_bps=link["up_mbit"] * 1e6, down_bps=link["down_mbit"] * 1e6,
+                                delay_s=delay_ms / 1e3, chunks=n)
+            rows.append({"bandwidth": label, "delay_ms": delay_ms, "rtt_ms": link.get("probe_rtt_ms"),
+                         "codec": codec, "chunks": n, "order": order, "time_per_batch_s": s["time/batch_s_run"],
+                         "client_s": client, "server_s": server, "up_MB": up / 1e6, "down_MB": down / 1e6,
+                         "bound_s": bound, "ratio": s["time/batch_s_run"] / bound})
     return rows
 
 
 def _delay_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| bandwidth | one-way delay (ms) | measured RTT (ms) | codec | chunks | time per batch (s) | client (s) "
-             "| server (s) | up MB | down MB | bound (s) | time / bound |", "|---" * 12 + "|"]
+    lines = ["| bandwidth | one-way delay (ms) | measured RTT (ms) | codec | order | chunks | time per batch (s) "
+             "| client (s) | server (s) | up MB | down MB | bound (s) | time / bound |", "|---" * 13 + "|"]
     for r in rows:
         rtt = f"{r['rtt_ms']:.1f}" if r["rtt_ms"] is not None else "-"
-        lines.append(f"| {r['bandwidth']} | {r['delay_ms']:g} | {rtt} | {CODECS[r['codec']]} | {r['chunks']} "
+        lines.append(f"| {r['bandwidth']} | {r['delay_ms']:g} | {rtt} | {CODECS[r['codec']]} "
+                     f"| {r.get('order', '1f1b')} | {r['chunks']} "
                      f"| {r['time_per_batch_s']:.3f} | {r['client_s']:.3f} | {r['server_s']:.3f} | {r['up_MB']:.2f} "
                      f"| {r['down_MB']:.2f} | {r['bound_s']:.3f} | {r['ratio']:.2f} |")
     piped = [r for r in rows if r["chunks"] == max(x["chunks"] for x in rows)]
@@ -200,12 +206,14 @@ def _delay_figures(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
     written = []
     for bandwidth, codec in sorted({(r["bandwidth"], r["codec"]) for r in rows}):
         fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
-        for n in sorted({r["chunks"] for r in rows}):
-            mine = sorted((r for r in rows if (r["bandwidth"], r["codec"], r["chunks"]) == (bandwidth, codec, n)),
-                          key=lambda r: r["delay_ms"])
+        orders = sorted({r.get("order", "1f1b") for r in rows})
+        for n, order in sorted({(r["chunks"], r.get("order", "1f1b")) for r in rows}):
+            mine = sorted((r for r in rows if (r["bandwidth"], r["codec"], r["chunks"], r.get("order", "1f1b"))
+                           == (bandwidth, codec, n, order)), key=lambda r: r["delay_ms"])
             if mine:
                 rtts = [2 * r["delay_ms"] for r in mine]
-                line, = ax.plot(rtts, [r["time_per_batch_s"] for r in mine], marker="o", label=f"chunks {n}")
+                label = f"chunks {n}" + (f", {order}" if len(orders) > 1 else "")
+                line, = ax.plot(rtts, [r["time_per_batch_s"] for r in mine], marker="o", label=label)
                 ax.plot(rtts, [r["bound_s"] for r in mine], ls=":", color=line.get_color())
         ax.set(xlabel="round trip (ms, twice the one-way delay)", ylabel="time per batch (s)",
                title=f"{bandwidth}, {CODECS[codec]}: measured (solid) and bound (dotted)")
@@ -222,7 +230,7 @@ def check_goals(tables: dict[str, pd.DataFrame], wire: dict[str, float]) -> list
     """The issue's goals, one row each: what was compared, the measured value, the target and whether it is met."""
     goals = []
     for bandwidth, table in tables.items():
-        times = {(r.codec, int(r.chunks)): float(r.time_per_batch_s) for r in table.itertuples()}
+        times = {(r.codec, int(r.chunks)): float(r.time_per_batch_s) for r in table.itertuples() if r.order == "1f1b"}
         for chunks in sorted({c for _, c in times}):
             none, conv = times.get(("none", chunks)), times.get(("convinsert097", chunks))
             if none and conv:
@@ -247,7 +255,9 @@ def _load(out: Path, bandwidths: list[str]) -> tuple[dict[str, pd.DataFrame], di
     tables, wire = {}, {}
     for bandwidth in bandwidths:
         table = pd.read_csv(out / "report" / bandwidth / "table.csv")
-        table["codec"] = table["run"].str.split("-").str[1]
+        parts = table["run"].str.split("-")
+        table["codec"] = parts.str[1]
+        table["order"] = parts.str[3].fillna("1f1b")  # "<link>-<codec>-c<chunks>[-<order>]"
         table["bytes_per_batch"] = [
             json.loads((out / bandwidth / run / "summary.json").read_text()).get("link/bytes_per_batch_run")
             for run in table["run"]]
@@ -260,12 +270,12 @@ def _load(out: Path, bandwidths: list[str]) -> tuple[dict[str, pd.DataFrame], di
 
 
 def _goals_markdown(goals: list[dict[str, Any]], tables: dict[str, pd.DataFrame]) -> str:
-    lines = ["| bandwidth | codec | chunks | time per batch (s) | computation (s) | MB per batch |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| bandwidth | codec | order | chunks | time per batch (s) | computation (s) | MB per batch |",
+             "|---|---|---|---|---|---|---|"]
     for bandwidth, table in tables.items():
         for r in table.itertuples():
-            lines.append(f"| {bandwidth} | {CODECS.get(r.codec, r.codec)} | {int(r.chunks)} | {r.time_per_batch_s:.3f} "
-                         f"| {r.computation_time_s:.3f} | {r.bytes_per_batch / 1e6:.2f} |")
+            lines.append(f"| {bandwidth} | {CODECS.get(r.codec, r.codec)} | {r.order} | {int(r.chunks)} | "
+                         f"{r.time_per_batch_s:.3f} | {r.computation_time_s:.3f} | {r.bytes_per_batch / 1e6:.2f} |")
     lines += ["", "| goal | measured | target | met |", "|---|---|---|---|"]
     for g in goals:
         op = "<=" if g.get("at_most") else ">="
@@ -282,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bandwidths", nargs="+", default=["10mbit", "100mbit"])
     parser.add_argument("--codecs", nargs="+", default=list(CODECS), choices=list(CODECS))
     parser.add_argument("--chunks", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--orders", nargs="+", default=["1f1b"], choices=list(ORDERS),
+                        help="pipeline orders; each run once per order (a run's name ends in its order unless 1f1b)")
     parser.add_argument("--delays", type=parse_delay_list, default=None,
                         help="one-way delays, e.g. 0,10,25,50ms: each run over the delay line once per delay")
     parser.add_argument("--sysctl", action="append", default=[], metavar="KEY=VALUE",
@@ -299,9 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     links = [(b, (b if d is None else f"{b}_{d:g}ms") + tag, d) for b in args.bandwidths
              for d in (args.delays or [None])]
     if not args.report_only:
-        runs = [(link, c, n) for link in links for c in args.codecs for n in args.chunks]
-        for i, ((bandwidth, link_name, delay_ms), codec, chunks) in enumerate(runs, 1):
-            name = f"{link_name}-{codec}-c{chunks}"
+        runs = [(link, c, n, o) for link in links for c in args.codecs for n in args.chunks for o in args.orders]
+        for i, ((bandwidth, link_name, delay_ms), codec, chunks, order) in enumerate(runs, 1):
+            name = f"{link_name}-{codec}-c{chunks}" + ("" if order == "1f1b" else f"-{order}")
             stats = out / "link" / f"{name}.json"
             summary = out / link_name / name / "summary.json"
             if not args.rerun and summary.is_file() and "time/batch_s_run" in json.loads(summary.read_text()):
@@ -309,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             cmd = run_command(bandwidth=bandwidth, codec=codec, chunks=chunks, root=out / link_name,
                               group=f"bench_link-{link_name}", stats=stats, extra=extra, delay_ms=delay_ms, name=name,
-                              sysctls=args.sysctl)
+                              sysctls=args.sysctl, order=order)
             print(f"[{i}/{len(runs)}] {time.monotonic() - started:.0f} s: {shlex.join(cmd)}", flush=True)
             log = out / "logs" / f"{name}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
@@ -319,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"experiments.bench_link: run failed (exit {code}); see {log}", file=sys.stderr)
                 return 1
     if args.delays is not None:
-        rows = delay_rows(out, links, args.codecs, args.chunks)
+        rows = delay_rows(out, links, args.codecs, args.chunks, args.orders)
         text = _delay_markdown(rows)
         (out / "delay.md").write_text(text)
         figures = _delay_figures(rows, out / "report")

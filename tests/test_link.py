@@ -244,6 +244,24 @@ def test_the_bound_of_a_batch_is_the_busiest_stage_plus_fill_plus_four_delays():
     assert parse_delay_list("0,10,25,50ms") == [0, 10, 25, 50]
 
 
+def test_the_delay_table_has_a_row_per_order_and_the_runs_of_each(tmp_path):
+    """``--orders``: a run's name ends in its order (none for 1f1b); the delay table pairs each with its bound."""
+    from experiments.bench_link import _delay_markdown, delay_rows
+
+    for name, batch_s in (("10mbit_25ms-none-c8", 3.0), ("10mbit_25ms-none-c8-zb", 2.5)):
+        run = tmp_path / "10mbit_25ms" / name
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps({
+            "time/batch_s_run": batch_s, "time/compute_client_s_run": 0.5, "time/compute_server_s_run": 1.0,
+            "link/up_activation_bytes_per_chunk_run": 1e5, "link/down_gradient_bytes_per_chunk_run": 1e4,
+            "link/up_gradient_bytes_per_chunk_run": 1e5, "link/down_activation_bytes_per_chunk_run": 1e4}))
+        (run / "run.json").write_text(json.dumps({"link": {"up_mbit": 10, "down_mbit": 10, "probe_rtt_ms": 50.4}}))
+    rows = delay_rows(tmp_path, [("10mbit", "10mbit_25ms", 25.0)], ["none"], [8], ["1f1b", "gpipe", "zb"])
+    assert [(r["order"], r["time_per_batch_s"]) for r in rows] == [("1f1b", 3.0), ("zb", 2.5)]  # gpipe: no run
+    assert rows[0]["bound_s"] == rows[1]["bound_s"] and rows[1]["ratio"] == pytest.approx(2.5 / rows[1]["bound_s"])
+    assert "| 10mbit | 25 | 50.4 | none | zb | 8 | 2.500 |" in _delay_markdown(rows)
+
+
 # -- slow: the link itself ----------------------------------------------------------------------------------------
 def _namespaces(owner: int | None = None) -> list[str]:
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout.split("\n")
