@@ -85,17 +85,22 @@ class DeferredBatchNorm(_BatchNorm):
         return new.train(bn.training)
 
 
-def convert_deferred(module: nn.Module) -> int:
-    """Replace, in place, every BatchNorm layer of ``module`` that tracks running statistics by a
-    :class:`DeferredBatchNorm` with the same parameters and statistics; returns how many were replaced."""
-    replaced = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if (isinstance(child, _BatchNorm) and not isinstance(child, DeferredBatchNorm)
-                    and child.track_running_stats and not isinstance(child, nn.SyncBatchNorm)):
-                setattr(parent, name, DeferredBatchNorm.from_batchnorm(child))
-                replaced += 1
-    return replaced
+def convert_deferred(*roots: nn.Module) -> int:
+    """Replace, in place, every BatchNorm layer under ``roots`` that tracks running statistics by a
+    :class:`DeferredBatchNorm` with the same parameters and statistics; returns how many were replaced.
+
+    A layer held by several parents (a model and the containers of a cached :class:`~splitlit.Split`) becomes
+    one new layer in all of them, so pass every root that holds one."""
+    new: dict[int, DeferredBatchNorm] = {}
+    for root in roots:
+        for parent in list(root.modules()):
+            for name, child in list(parent.named_children()):
+                if (isinstance(child, _BatchNorm) and not isinstance(child, DeferredBatchNorm)
+                        and child.track_running_stats and not isinstance(child, nn.SyncBatchNorm)):
+                    if id(child) not in new:
+                        new[id(child)] = DeferredBatchNorm.from_batchnorm(child)
+                    setattr(parent, name, new[id(child)])
+    return len(new)
 
 
 def commit_deferred(module: nn.Module) -> int:

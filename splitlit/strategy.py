@@ -237,7 +237,9 @@ class SplitPipelineStrategy(SplitCheckpoints, DDPStrategy):
         module = self.lightning_module
         # 1. The split, checked before anything moves (BatchNorm first made deferred, if asked: new parameters).
         if self.deferred_batchnorm:
-            convert_deferred(module)
+            split = _split_of(module)  # a module may cache its split: its containers hold the same layers
+            convert_deferred(module, *(p for p in (split.head, split.body, split.tail, split.up, split.down)
+                                       if p is not None))
             self._deferred = [m for m in module.modules() if isinstance(m, DeferredBatchNorm)]
         self.split = _split_of(module)
         self._check_precision()

@@ -61,3 +61,12 @@ def test_convert_keeps_the_state_dict_and_eval_output():
 def test_a_scalar_input_is_refused_with_its_shape():
     with pytest.raises(ValueError, match=r"at least 2 dimensions.*\(4,\)"):
         DeferredBatchNorm(4)(torch.randn(4))
+
+
+def test_a_layer_held_by_two_parents_becomes_one_deferred_layer_in_both():
+    """A module that caches its split (MobileNetV2Classifier) holds its BatchNorm in the model and in the split's
+    containers: both must see the same new layer, or the split would train a layer the model does not save."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    cached_head = nn.Sequential(model[0], model[1])  # not a submodule of the model
+    assert convert_deferred(model, cached_head) == 1
+    assert isinstance(model[1], DeferredBatchNorm) and cached_head[1] is model[1]
