@@ -265,7 +265,7 @@ def _merge(paths: list[Path]) -> tuple[list[dict], dict]:
         saved = json.loads(path.read_text())
         mine = {k: v for k, v in saved["settings"].items() if k not in _PER_INVOCATION}
         if settings is not None and mine != settings:
-            differ = sorted(k for k in mine if mine[k] != settings.get(k))
+            differ = sorted(k for k in {*mine, *settings} if mine.get(k) != settings.get(k))
             raise SystemExit(f"bench_codecs --merge: {path} was run with other settings ({differ}); merge only "
                              f"invocations that differ in their rows and seeds.")
         settings = mine
@@ -275,7 +275,7 @@ def _merge(paths: list[Path]) -> tuple[list[dict], dict]:
     return _rows(per_seed), settings or {}
 
 
-_PER_INVOCATION = ("seed", "seeds", "only", "skip", "default_only", "json", "merge")
+_PER_INVOCATION = ("seed", "seeds", "only", "skip", "default_only", "json", "merge", "figure")
 
 
 def _table(results: list[dict]) -> str:
