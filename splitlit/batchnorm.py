@@ -45,13 +45,16 @@ class DeferredBatchNorm(_BatchNorm):
         if not self.training:
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
                                 self.eps)
-        if not input.is_meta:
-            dims = [0, *range(2, input.dim())]
-            with torch.no_grad():
-                var, mean = torch.var_mean(input.detach(), dim=dims, correction=0)
-                count = input.numel() // input.shape[1]
-                self._pending.append((count, mean, var * count))
-        return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        if input.is_meta:
+            return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        # BatchNorm's own kernel gives this micro-batch's statistics: "running" buffers updated with momentum 1
+        # are the batch mean and the unbiased batch variance (no second pass over the input).
+        mean = torch.zeros_like(self.running_mean)
+        var = torch.ones_like(self.running_var)
+        out = F.batch_norm(input, mean, var, self.weight, self.bias, True, 1.0, self.eps)
+        count = input.numel() // input.shape[1]
+        self._pending.append((count, mean, var * max(count - 1, 0)))
+        return out
 
     @torch.no_grad()
     def commit(self) -> bool:
