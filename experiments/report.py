@@ -111,6 +111,8 @@ def setting(run: Run) -> str:
     """The run's config without what names it or seeds it (:data:`PER_RUN_KEYS`), as text: runs with the same
     setting differ only by seed, and the table and the curves pool them."""
     config = {k: v for k, v in run.config.items() if not k.startswith("_")}
+    if isinstance(config.get("link"), dict):  # the link's settings stay; what its probe measured differs per run
+        config["link"] = _unprobed(config["link"])
     for key in PER_RUN_KEYS:
         section, _, inner = key.rpartition(".")
         if not section:
@@ -118,6 +120,13 @@ def setting(run: Run) -> str:
         elif isinstance(config.get(section), dict):
             config[section] = {k: v for k, v in config[section].items() if k != inner}
     return json.dumps(config, sort_keys=True, default=str)
+
+
+def _unprobed(link: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in link.items() if not k.startswith("probe_")}
+    if isinstance(out.get("clients"), list):
+        out["clients"] = [_unprobed(c) if isinstance(c, dict) else c for c in out["clients"]]
+    return out
 
 
 def by_setting(runs: Iterable[Run]) -> list[list[Run]]:
@@ -209,13 +218,20 @@ _SHOWN = ("chunks", "codec", "codecs", "tags", "split", "group")
 
 
 def _option_labels(settings: list[str]) -> dict[str, str]:
-    """Per setting (:func:`setting`'s text), the options in which the table's settings differ beyond the compress
-    method and the chunks, e.g. ``deferred_batchnorm=True``: '' when they differ in nothing else."""
+    """Per setting (:func:`setting`'s text), what tells it apart from another setting with the same compress method
+    and chunks, e.g. ``deferred_batchnorm=True`` or ``order=zb``: '' when nothing does."""
     flat = {key: _flatten(json.loads(key)) for key in settings}
+    same: dict[tuple, list[dict[str, Any]]] = {}
+    for f in flat.values():
+        same.setdefault((json.dumps(f.get("codec")), json.dumps(f.get("chunks"))), []).append(f)
     keys = sorted({k for f in flat.values() for k in f})
-    differ = [k for k in keys if len({json.dumps(f.get(k), default=str) for f in flat.values()}) > 1
-              and not any(part in _SHOWN for part in k.split("."))]
-    return {key: ", ".join(f"{k.rsplit('.', 1)[-1]}={f.get(k)}" for k in differ) for key, f in flat.items()}
+    differ = [k for k in keys if not any(part in _SHOWN for part in k.split("."))
+              and any(len({json.dumps(f.get(k), default=str) for f in group}) > 1 for group in same.values())]
+    labels = {}
+    for key, f in flat.items():
+        items = dict.fromkeys(f"{k.rsplit('.', 1)[-1]}={f.get(k)}" for k in differ)  # "order" twice: once
+        labels[key] = ", ".join(items)
+    return labels
 
 
 def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:

@@ -135,6 +135,21 @@ def test_settings_differing_in_an_option_name_it_in_the_table(tmp_path):
     assert "| none | deferred_batchnorm=True | 1.000 ± 0.000 | 91.00 ± 1.41 |" in markdown
 
 
+def test_seeds_over_a_shaped_link_pool_although_each_probe_measured_another_link(tmp_path):
+    """The link's settings are part of a setting; what its probe measured (``probe_*``) differs per run and is not;
+    an option that only follows chunks (the preset's name) names nothing."""
+    for chunks in (1, 8):
+        for seed, rtt in ((0, 50.1), (1, 50.4)):
+            config = {"group": "link", "codec": "none", "chunks": chunks, "max_epochs": 1, "seed_everything": seed,
+                      "preset": f"cifar10_none_c{chunks}", "order": "1f1b",
+                      "link": {"up_mbit": 10, "probe_rtt_ms": rtt + chunks, "clients": [{"probe_rtt_ms": rtt}]}}
+            write_run(tmp_path / "runs", f"l-c{chunks}-s{seed}", config,
+                      dict(split_summary(1.0, chunks), **{"val/acc_best": 0.5}), [{"epoch": 0, "val/acc": 0.5}])
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--group", "link"]) == 0
+    table = pd.read_csv(tmp_path / "out" / "table.csv")
+    assert list(table["n"]) == [2, 2] and "Options" not in (tmp_path / "out" / "table.md").read_text()
+
+
 def test_overfitting_curve_of_seeds_is_the_mean_with_a_std_band(tmp_path, capsys, monkeypatch):
     """The MCC-against-epoch figure of a 3-seed setting draws the mean, a ± 1 std band and the mean's best epoch."""
     make_seed_runs(tmp_path)
