@@ -44,7 +44,7 @@ from typing_extensions import override
 from callbacks import BestMetric, LinkTrafficMonitor, PipelineTimingMonitor
 from splitlit.link import LINK_ENV
 
-__all__ = ["CONFIG_DIR", "LINK_ENV", "RUN_FILE", "RunSettings", "SplitCLI", "run_cli", "wandb_mode"]
+__all__ = ["CONFIG_DIR", "LINK_ENV", "RUN_FILE", "RunSettings", "SplitCLI", "link_summary", "run_cli", "wandb_mode"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -240,8 +240,7 @@ class _SaveRunConfig(Callback):
         folder = Path(csv.log_dir)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / RUN_FILE).write_text(json.dumps(_json_safe(self.run), indent=1) + "\n")
-        link = self.run.get("link") or {}
-        measured = {f"emulated_link/{k}": v for k, v in link.items() if k in _LINK_SUMMARY and v is not None}
+        measured = link_summary(self.run.get("link") or {})
         if measured:
             summary = folder / "summary.json"
             values = json.loads(summary.read_text()) if summary.is_file() else {}
@@ -251,6 +250,18 @@ class _SaveRunConfig(Callback):
 # What of the link goes into summary.json: its settings and the probe's measurements (see splitlit.link).
 _LINK_SUMMARY = ("up_mbit", "down_mbit", "delay_ms", "jitter_ms", "loss_pct", "probe_up_mbit", "probe_down_mbit",
                  "probe_rtt_ms", "probe_up_delay_ms", "probe_down_delay_ms")
+
+
+def link_summary(link: dict[str, Any]) -> dict[str, Any]:
+    """The summary's keys of an emulated link: ``emulated_link/<key>``, and with many clients (a link per client)
+    ``emulated_link/client<i>/<key>`` for each client's link."""
+    def keep(values: dict[str, Any], prefix: str) -> dict[str, Any]:
+        return {f"{prefix}{k}": v for k, v in values.items() if k in _LINK_SUMMARY and v is not None}
+
+    out = keep(link, "emulated_link/")
+    for i, client in enumerate(link.get("clients") or []):
+        out.update(keep(client, f"emulated_link/client{i}/"))
+    return out
 
 
 def _run_name(explicit: str | None, stem: str) -> str:

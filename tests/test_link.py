@@ -23,11 +23,22 @@ from pathlib import Path
 
 import pytest
 
-from splitlit.link import netns, probe
-from splitlit.link import LINK_ENV, LinkError, LinkSpec, ShapedLink, parse_delay, parse_rate, with_trainer_args
+from experiments.cli import link_summary
+from splitlit.link import (
+    LINK_ENV,
+    LinkError,
+    LinkSpec,
+    ShapedLink,
+    netns,
+    parse_delay,
+    parse_rate,
+    probe,
+    with_trainer_args,
+)
 from splitlit.link.__main__ import main as link_main
 from splitlit.link.delay import DelayQueue
 from splitlit.link.delayline import wire_size
+from splitlit.link.star import StarLink
 from splitlit.link.units import parse_percent, parse_size, per_client
 from tests.twoproc import REPO, SHARED_DATA, Result
 
@@ -211,6 +222,20 @@ def test_link_settings_describe_what_was_emulated():
     assert settings["bandwidth"] == "100mbit" and settings["rate_mbit"] == 100.0 and settings["qdisc"] == "tbf"
     assert settings["latency"].startswith("not emulated")
     assert (settings["client_addr"], settings["server_addr"]) == ("10.77.0.1", "10.77.0.2")
+
+
+def test_the_run_summary_holds_each_client_links_settings_and_probe():
+    """With many clients the run's summary.json names each client's link (delay, rate, probed round trip), so the
+    straggler's link is read beside the figures; a two-host link keeps its unprefixed keys."""
+    star = StarLink([LinkSpec(bandwidth_bps=10**8, delay_s=0.005), LinkSpec(bandwidth_bps=10**7, delay_s=0.08)])
+    star.probed = [{"rtt_ms": 10.4, "up_mbit": 95.1}, {"rtt_ms": 160.9, "up_mbit": 9.5}]
+    summary = link_summary(star.describe())
+    assert (summary["emulated_link/client0/delay_ms"], summary["emulated_link/client1/delay_ms"]) == (5, 80)
+    assert (summary["emulated_link/client1/up_mbit"], summary["emulated_link/client1/probe_rtt_ms"]) == (10, 160.9)
+    assert summary["emulated_link/client0/probe_up_mbit"] == 95.1
+    assert not any(key.count("/") == 1 for key in summary), summary  # no top-level value stands for every client
+    two_host = link_summary({**LinkSpec(bandwidth_bps=10**7, delay_s=0.025).describe(), "probe_rtt_ms": 50.9})
+    assert (two_host["emulated_link/delay_ms"], two_host["emulated_link/probe_rtt_ms"]) == (25, 50.9)
 
 
 def test_probe_measures_a_stalled_direction_again_and_keeps_the_best(monkeypatch):
