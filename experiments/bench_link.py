@@ -7,7 +7,8 @@ insert 0.097, power iteration (3,7)) and each chunk count (1, 4, 8), one run of 
 --bandwidth B -- python -m experiments.cifar10_mobilenet fit --config <codec preset> --config
 experiments/configs/cifar10_link.yaml`` (128 px, batch 16, 5 training batches, one thread per rank). Then
 ``python -m experiments.report`` draws each bandwidth's table and figures into ``<out>/report/<bandwidth>/``, and
-the goals are checked into ``<out>/goals.md``; runs already in ``--out`` are kept unless ``--rerun``:
+the goals are checked into ``<out>/goals.md`` (``--figures docs/figures`` also copies figures 6-9 of each bandwidth
+there, as the README shows them); runs already in ``--out`` are kept unless ``--rerun``:
 
 - compression: conv insert's time per batch at least 5x shorter than no compression's, per chunk count;
 - pipelining: chunks 4 or 8 at least 1.3x faster than chunks 1 without compression (where the link dominates);
@@ -43,6 +44,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -62,6 +64,7 @@ __all__ = ["WireBytes", "batch_bound", "check_goals", "delay_rows", "main", "par
 REPO = Path(__file__).resolve().parents[1]
 CODECS = {"none": "none", "convinsert097": "conv insert 0.097", "poweriter3_7": "poweriter (3,7)"}
 WIRE_FILE = "wire.json"
+LINK_FIGURES = ("bandwidth_peak.png", "bandwidth_avg.png", "computation_time.png", "time_per_batch.png")  # figs 6-9
 WIRE_PER_PAYLOAD = 1514 / 1448  # Ethernet frame per TCP payload at MTU 1500 (what the rate carries)
 
 
@@ -300,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="passed to splitlit.link (both namespaces), e.g. net.ipv4.tcp_slow_start_after_idle=0; "
                              "the runs' folders get '_sysctl' appended")
     parser.add_argument("--report-only", action="store_true", help="only redraw the report and goals from --out")
+    parser.add_argument("--figures", type=Path, default=None, metavar="DIR",
+                        help="also copy the report's figures 6-9 of each bandwidth to DIR/link_<bandwidth>_<figure>.png "
+                             "(the README's: docs/figures)")
     parser.add_argument("--rerun", action="store_true", help="repeat runs that finished in --out already")
     args = parser.parse_args(argv)
     out = args.out.resolve()
@@ -343,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
                                "--out", str(out / "report" / bandwidth)], cwd=REPO, env=env).returncode
         if code != 0:
             return code
+        if args.figures is not None:
+            args.figures.mkdir(parents=True, exist_ok=True)
+            for file in LINK_FIGURES:
+                shutil.copyfile(out / "report" / bandwidth / file, args.figures / f"link_{bandwidth}_{file}")
     tables, wire = _load(out, args.bandwidths)
     goals = check_goals(tables, wire)
     text = _goals_markdown(goals, tables)
