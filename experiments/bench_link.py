@@ -304,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                              "the runs' folders get '_sysctl' appended")
     parser.add_argument("--report-only", action="store_true", help="only redraw the report and goals from --out")
     parser.add_argument("--figures", type=Path, default=None, metavar="DIR",
-                        help="also copy the report's figures 6-9 of each bandwidth to DIR/link_<bandwidth>_<figure>.png "
-                             "(the README's: docs/figures)")
+                        help="also copy the report's figures 6-9 of each bandwidth to DIR/link_<bandwidth>_<figure>.png"
+                             " (the README's: docs/figures)")
     parser.add_argument("--rerun", action="store_true", help="repeat runs that finished in --out already")
     args = parser.parse_args(argv)
     out = args.out.resolve()
