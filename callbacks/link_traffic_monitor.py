@@ -29,8 +29,8 @@ class LinkTrafficMonitor(LinkMonitor):
     Bytes are those of the tensors handed to ``torch.distributed``'s point-to-point ops (after any wire codec),
     as recorded by the strategy's :class:`~splitlit.meter.LinkMeter`; transport headers are not included.
     Only training batches count: validation, test and sanity-check traffic is discarded. Everything is logged
-    once, by the client (rank 0); the server's figures reach it through one small ``gather`` to the client on each logging
-    step and at each epoch end, which both ranks run.
+    once, by the client (rank 0); the server's figures reach it through one small ``gather`` to the client on each
+    logging step and at each epoch end, which both ranks run.
 
     Logged keys. The per-batch keys below are logged on Lightning's logging steps (``log_every_n_steps``) and
     describe that one batch; the same key with ``_epoch`` appended is logged at each training epoch end over the

@@ -47,6 +47,11 @@ class PipelineTimingMonitor(LinkMonitor):
       the part of its pipeline step in which it computes nothing because it waits for a transfer to complete
       (the wire time plus the time the server takes to produce what the client waits for).
     - ``time/wait_server_s``: the same on the server (its pipeline step minus its computation).
+    - ``time/outside_client_s``: ``batch_s - pipeline_client_s``, the client's time for the batch outside its
+      pipeline step: the optimiser step, gradient clipping (a round trip to the server), the callbacks' and
+      Lightning's work.
+    - ``time/bound_ratio``: ``batch_s / max(compute_client_s, compute_server_s)``, the batch's time over what a
+      perfect two-rank pipeline on a free link would take (1 at best; the busier rank computes all the time).
     - ``time/bubble``: the pipeline bubble, a fraction in [0, 1]: the ranks' idle time over their pipeline time,
       ``(wait_client_s + wait_server_s) / (pipeline_client_s + pipeline_server_s)``. 0 when both ranks compute
       all the time; about 0.5 for one micro-batch on a free link with balanced ranks, since they take turns.
@@ -94,6 +99,9 @@ class PipelineTimingMonitor(LinkMonitor):
                 "time/pipeline_client_s": totals.pipeline_s / n,
                 "time/wait_client_s": wait_client / n,
                 "time/wait_server_s": wait_server / n,
+                "time/outside_client_s": (totals.wall_s - totals.pipeline_s) / n,
+                "time/bound_ratio": totals.wall_s / busiest if (busiest := max(totals.compute_s, server.compute_s))
+                else float("nan"),
                 "time/bubble": (wait_client + wait_server) / pipeline if pipeline > 0 else float("nan"),
             })
         return figures

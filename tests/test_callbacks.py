@@ -265,6 +265,8 @@ def test_timing_wall_compute_wait_and_bubble(clock, monkeypatch):
         "time/pipeline_client_s": CLIENT_SPAN,
         "time/wait_client_s": wait_client,
         "time/wait_server_s": wait_server,
+        "time/outside_client_s": 0.5 - CLIENT_SPAN,
+        "time/bound_ratio": 0.5 / max(CLIENT_COMPUTE, SERVER_COMPUTE),
         "time/bubble": (wait_client + wait_server) / (CLIENT_SPAN + SERVER_SPAN),
     }
     assert step == pytest.approx(expected, abs=1e-12)

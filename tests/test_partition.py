@@ -1,4 +1,4 @@
-"""experiments.partition: shards that are disjoint, complete, seeded, label-skewed on demand; errors that name the fix."""
+"""experiments.partition: shards that are disjoint, complete, seeded, label-skewed on demand; errors name the fix."""
 
 from __future__ import annotations
 

@@ -85,7 +85,8 @@ def test_run_json_round_trip(tmp_path):
     """load_runs reads the config, summary and metrics that the fixture (and the CLI) write."""
     folder = make_runs(tmp_path)[0]
     run = report.load_runs([folder])[0]
-    assert run.config == json.loads((folder / "run.json").read_text()) and run.split and run.group == "cifar10_mobilenet"
+    assert run.config == json.loads((folder / "run.json").read_text())
+    assert run.split and run.group == "cifar10_mobilenet"
 
 
 def test_sweep_runs_each_epoch_count_in_one_group(capsys):

@@ -64,8 +64,8 @@ def test_codec_labels_name_codecs_by_their_non_default_arguments():
     head, body, tail = nn.Identity(), nn.Identity(), nn.Identity()
     split = Split(head, body, tail, up=PowerIteration(3), down=ConvInsert(1280, 320))
     wire = WirePlan.parse({"up.gradient": "fp16"})
-    assert cli.codec_label(split, wire) == ("up:poweriter(rank=3) down:convinsert(in_channels=1280,code_channels=320,stride=1) "
-                                            "wire:up.gradient=fp16")
+    assert cli.codec_label(split, wire) == ("up:poweriter(rank=3) down:convinsert(in_channels=1280,code_channels=320,"
+                                            "stride=1) wire:up.gradient=fp16")
     assert cli.codec_label(Split(head, body, tail), None) == "none"
 
 

@@ -17,7 +17,8 @@ TRAFFIC = ["link/up_activation_bytes_per_chunk", "link/up_gradient_bytes_per_chu
            "link/compress_rate", "link/bandwidth_avg_MBps", "link/bandwidth_peak_client_MBps",
            "link/bandwidth_peak_server_MBps"]
 TIMING = ["time/batch_s", "time/compute_client_s", "time/compute_server_s", "time/compute_s",
-          "time/pipeline_client_s", "time/wait_client_s", "time/wait_server_s", "time/bubble"]
+          "time/pipeline_client_s", "time/wait_client_s", "time/wait_server_s", "time/outside_client_s",
+          "time/bound_ratio", "time/bubble"]
 BEST = ["val/acc_best", "val/acc_best_epoch", "val/acc_best_step", "val/acc_final"]
 LINK = {"rate_mbit": 100, "peer": "10.0.0.2"}
 

@@ -76,7 +76,8 @@ def main() -> None:
     split = args.chunks > 0
     record = Record()
     trainer = L.Trainer(accelerator="cpu", devices=2 if split else 1,
-                        strategy=SplitPipelineStrategy(chunks=args.chunks, order=args.order, timeout=60) if split else "auto",
+                        strategy=(SplitPipelineStrategy(chunks=args.chunks, order=args.order, timeout=60) if split
+                                  else "auto"),
                         max_epochs=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[record])
     trainer.fit(model, datamodule=data)
