@@ -21,8 +21,8 @@ no interval). The baseline is ``none``, except for a codec whose network adapts 
 default): that adaptation also trains the network (its student sees BatchNorm's batch statistics, its teacher
 the running ones), so such a row is paired with ``none`` given the same adaptation steps (the control row).
 Runs go seed by seed, and ``--json`` (default ``runs/bench_codecs.json``) is rewritten after each with every
-row's per-seed values, so a bench cut short keeps the seeds it finished. ``--only`` / ``--skip`` pick rows, so rows can run in parallel
-processes; ``--merge`` then joins their JSON files into one paired table.
+row's per-seed values, so a bench cut short keeps the seeds it finished. ``--only`` / ``--skip`` pick rows, so
+rows can run in parallel processes; ``--merge`` then joins their JSON files into one paired table.
 
 The codecs run unsplit (same modules as the split run); bytes are :func:`splitlit.traffic.analytic_link_bytes`,
 which the two-rank tests prove equal to what the transport sends. Time: on 2 CPU cores a run of ``--train
@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from experiments.cifar10_mobilenet import (IMAGENET_MEAN, IMAGENET_STD, REPORT_ROWS, LocalCIFAR10, MobileNetV2Classifier,
-                                          report_codecs)
+from experiments.cifar10_mobilenet import (IMAGENET_MEAN, IMAGENET_STD, REPORT_ROWS, LocalCIFAR10,
+                                          MobileNetV2Classifier, report_codecs)
 from experiments.stats import format_difference, format_mean, over_seeds, paired_seeds_argument, verdict
 from splitlit.calibration import calibrate
 from splitlit.traffic import analytic_link_bytes

@@ -102,7 +102,8 @@ def run_cell(phase: str, victim: str, out: Path, timeout: float) -> dict:
         (out / "resume.log").write_text(again.stdout + again.stderr)
         resumed = again.returncode == 0
     return {"phase": phase, "victim": victim, "survivor": survivor, "exit": code, "seconds": round(seconds, 1),
-            "bound_s": timeout + 30, "within_bound": code not in (0, None) and exit_t is not None and seconds <= timeout + 30,
+            "bound_s": timeout + 30,
+            "within_bound": code not in (0, None) and exit_t is not None and seconds <= timeout + 30,
             "names_phase": names_phase, "names_fix": names_fix, "newest_checkpoint": ckpts[-1].name if ckpts else None,
             "loads": loads, "resumes": resumed, "message": text[-400:]}
 

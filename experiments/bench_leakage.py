@@ -13,7 +13,8 @@ three weights, Gaussian noise at two scales), it fine-tunes once with :class:`ca
 :func:`analytic_link_bytes`, float tensors only), accuracy (CIFAR-10) or MCC (CoLA) on the
 held-out set after the epoch, the label AUCs (norm, cosine; in the JSON/CSV also at the logits, what a server
 holding the classifier would get), dCor, PSNR and SSIM of the reconstruction (CIFAR-10) or the share of tokens
-recovered (CoLA), each the mean over the monitor's measurements in the epoch, and the monitor's overhead: its seconds over the training batches' seconds.
+recovered (CoLA), each the mean over the monitor's measurements in the epoch, and the monitor's overhead: its
+seconds over the training batches' seconds.
 
 Runs are unsplit, in one process ("simulation mode"): the same modules and maths as two ranks (the two-rank
 tests prove the split gradients equal the unsplit ones), with the wire codecs applied by
@@ -181,7 +182,8 @@ def table(results: list[dict[str, Any]]) -> str:
     fmt = lambda v, p=3: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{p}f}"  # noqa: E731
     for r in results:
         acc = 100 * r["accuracy"] if r["task"] == "cifar10" else r["accuracy"]
-        lines.append(f"| {r['task']} | {r['row']} | {fmt(r['compress_rate'])} | {fmt(acc, 2 if r['task'] == 'cifar10' else 3)} "
+        digits = 2 if r["task"] == "cifar10" else 3
+        lines.append(f"| {r['task']} | {r['row']} | {fmt(r['compress_rate'])} | {fmt(acc, digits)} "
                      f"| {fmt(r['label_auc_norm'])} | {fmt(r['label_auc_cosine'])} | {fmt(r['dcor'])} "
                      f"| {fmt(r['recon_psnr'], 1)} | {fmt(r['recon_ssim'])} | {fmt(r['token_recovery'])} "
                      f"| {fmt(r['overhead_pct'], 1)} |")

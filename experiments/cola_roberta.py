@@ -268,7 +268,8 @@ class CoLAClassifier(L.LightningModule):
         if rate is not None:
             if rate not in self._rates_seen:
                 self._rates_seen.add(rate)
-                rank_zero_info(f"up codec {type(self.up_codec).__name__}({self.up_codec.extra_repr()}) on [{batch['input_ids'].shape[1]}, "
+                codec = f"{type(self.up_codec).__name__}({self.up_codec.extra_repr()})"
+                rank_zero_info(f"up codec {codec} on [{batch['input_ids'].shape[1]}, "
                                f"{self.encoder.config.hidden_size}] per sentence: rate {rate:.3f}")
             self.log("codec/up_rate", rate, on_step=False, on_epoch=True, batch_size=labels.shape[0])
         return loss

@@ -15,6 +15,7 @@ def check_count(owner: str, name: str, value: Any, *, at_least: int = 1, fix: st
     """
     if isinstance(value, bool) or not isinstance(value, int) or value < at_least:
         if fix is None:
-            fix = f"{name} must be a positive integer." if at_least == 1 else f"{name} must be an integer >= {at_least}."
+            fix = (f"{name} must be a positive integer." if at_least == 1
+                   else f"{name} must be an integer >= {at_least}.")
         raise ValueError(f"{owner}({name}={value!r}): {fix}")
     return value

@@ -81,8 +81,8 @@ def follow_client_resume(trainer: Trainer, strategy: SplitPipelineStrategy) -> N
 
     def resume_start(checkpoint_path: Any = None, weights_only: bool | None = None) -> None:
         assert strategy._channel is not None
-        (resumes,) = strategy._channel.broadcast_numbers([int(bool(checkpoint_path))] if strategy.global_rank == 0 else None,
-                                                      length=1, src=CLIENT_RANK, what="decision")
+        resumes = [int(bool(checkpoint_path))] if strategy.global_rank == 0 else None
+        (resumes,) = strategy._channel.broadcast_numbers(resumes, length=1, src=CLIENT_RANK, what="decision")
         if not strategy.is_client:
             checkpoint_path = "<read by the client>" if resumes else None
         original(checkpoint_path, weights_only)

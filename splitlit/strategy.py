@@ -113,8 +113,8 @@ class SplitPipelineStrategy(SplitCheckpoints, DDPStrategy):
             raise ValueError(f"SplitPipelineStrategy(paradigm={paradigm!r}): choose one of {PARADIGMS}.")
         if turn not in TURNS or (turn == "epoch" and paradigm != "sequential"):
             raise ValueError(f"SplitPipelineStrategy(turn={turn!r}, paradigm={paradigm!r}): turn is one of {TURNS}, "
-                             f"and 'epoch' (one client's whole round at a time) is for paradigm='sequential' (SplitFed's "
-                             f"clients train in parallel).")
+                             f"and 'epoch' (one client's whole round at a time) is for paradigm='sequential' "
+                             f"(SplitFed's clients train in parallel).")
         if order not in ORDERS:
             raise ValueError(f"SplitPipelineStrategy(order={order!r}): choose one of {ORDERS}.")
         if not timeout or timeout <= 0:
@@ -208,7 +208,8 @@ class SplitPipelineStrategy(SplitCheckpoints, DDPStrategy):
             )
         # Before anything else crosses: each rank proves it holds the job's secret.
         authenticate(dist.distributed_c10d._get_default_store(), rank=self.global_rank, secret=secret,
-                     timeout=self.timeout_s, run_id=str(next(_AUTH_ROUNDS)), world_size=self.world_size)  # a fresh round per fit in this job
+                     timeout=self.timeout_s, run_id=str(next(_AUTH_ROUNDS)),  # a fresh round per fit in this job
+                     world_size=self.world_size)
         log.info("rank %d is the %s", self.global_rank, self.role)
         seed_rank_apart(self.global_rank)
         comm = torch.device("cpu") if dist.get_backend() == "gloo" else self.root_device

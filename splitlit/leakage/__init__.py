@@ -15,7 +15,7 @@ from splitlit.leakage.attacks import (ATTACKS, distance_correlation, image_grid,
 from splitlit.leakage.defences import activation_noise, gradient_noise, nopeek
 from splitlit.leakage.view import down_cut_module, received_view, server_decoded, simulate_wire, up_cut_module
 
-__all__ = ["ATTACKS", "activation_noise", "distance_correlation", "down_cut_module", "gradient_noise", "image_grid",
-           "label_auc_cosine", "label_auc_norm", "make_decoder", "nopeek", "per_sample", "received_view",
-           "reconstruction_scores", "server_decoded", "simulate_wire", "token_candidates", "token_recovery", "train_decoder",
-           "up_cut_module"]
+__all__ = ["ATTACKS", "activation_noise", "distance_correlation", "down_cut_module", "gradient_noise",
+           "image_grid", "label_auc_cosine", "label_auc_norm", "make_decoder", "nopeek", "per_sample",
+           "received_view", "reconstruction_scores", "server_decoded", "simulate_wire", "token_candidates",
+           "token_recovery", "train_decoder", "up_cut_module"]
