@@ -40,6 +40,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ __all__ = ["FIGURE_PIXELS", "ReportError", "Run", "build_table", "load_runs", "l
 
 RUN_FILE, SUMMARY_FILE, METRICS_FILE = "run.json", "summary.json", "metrics.csv"
 FIGURE_SIZE, FIGURE_DPI = (8, 5), 100
+LEGEND_WIDTH = 34  # characters per line of a legend entry (longer ones wrap)
 FIGURE_PIXELS = (FIGURE_SIZE[0] * FIGURE_DPI, FIGURE_SIZE[1] * FIGURE_DPI)
 CURVE_METRICS = ("val/mcc", "val/acc")
 # Run-config keys that differ between the seeds of one setting (or name one run), ignored by setting(); a dotted
@@ -269,7 +271,7 @@ def _figure():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=FIGURE_SIZE, dpi=FIGURE_DPI)
+    fig, ax = plt.subplots(figsize=FIGURE_SIZE, dpi=FIGURE_DPI, layout="constrained")
     return plt, fig, ax
 
 
@@ -287,7 +289,8 @@ def plot_against_chunks(table: pd.DataFrame, file: str, out: Path) -> Path:
         for (column, role), style in zip(series, ("-o", "--s")):
             ax.errorbar(rows["chunks"], rows[column], yerr=spread[column].fillna(0.0), fmt=style, color=f"C{i}",
                         capsize=3, label=f"{method} ({role})" if role else str(method))
-    ax.set(title=f"{title} against chunks per compress method", xlabel="chunks", ylabel=unit)
+    ax.set(xlabel="chunks", ylabel=unit)
+    ax.set_title(f"{title} against chunks per compress method", fontsize="medium")
     ax.set_xticks(sorted(table["chunks"].unique()))
     ax.grid(alpha=0.3)
     _legend_outside(fig, ax)
@@ -326,7 +329,7 @@ def plot_curves(runs: Sequence[Run], metric: str, out: Path) -> Path:
         best = int(scores.to_numpy().argmax())  # the first epoch with the largest value, as BestMetric keeps it
         epochs_label = f"{members[0].config.get('max_epochs', '?')} epochs"
         if n == 1:
-            ax.plot(epochs, scores, "-", color=f"C{i}", label=f"{epochs_label} ({members[0].name})")
+            ax.plot(epochs, scores, "-", color=f"C{i}", label=f"{epochs_label}, 1 run")
             best_label = f"best: epoch {int(epochs.iloc[best])}, {scores.iloc[best]:.4f}"
         else:
             ax.plot(epochs, scores, "-", color=f"C{i}", label=f"{epochs_label}: mean ± std,\nn={n} seeds")
@@ -336,7 +339,8 @@ def plot_curves(runs: Sequence[Run], metric: str, out: Path) -> Path:
                           f"{scores.iloc[best]:.4f} ± {values['std'].iloc[best]:.4f}")
         ax.plot(epochs.iloc[best], scores.iloc[best], "*", color=f"C{i}", markersize=14, label=best_label)
     name = {"val/mcc": "Matthews correlation", "val/acc": "accuracy"}.get(metric, metric)
-    ax.set(title=f"Validation {name} against epoch ({group})", xlabel="epoch (1 = the first)", ylabel=metric)
+    ax.set(xlabel="epoch (1 = the first)", ylabel=metric)
+    ax.set_title(f"Validation {name} against epoch\n{group}", fontsize="medium")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     _legend_outside(fig, ax)
@@ -344,9 +348,30 @@ def plot_curves(runs: Sequence[Run], metric: str, out: Path) -> Path:
 
 
 def _legend_outside(fig: Any, ax: Any) -> None:
-    """The legend right of the axes, so long method names never cover the lines (the figure keeps its size)."""
-    fig.subplots_adjust(left=0.09, right=0.66)
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    """The legend right of the axes, so long method names never cover the lines; the constrained layout narrows
+    the axes to make room, so the figure keeps its size and nothing is cut at its edges."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, [textwrap.fill(label, LEGEND_WIDTH) if "\n" not in label else label for label in labels],
+               fontsize="small", loc="outside right upper")
+
+
+def outside_the_canvas(fig: Any) -> list[str]:
+    """The titles, axis labels and legend entries that reach past the figure's edges, i.e. would be cut."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    width, height = fig.canvas.get_width_height()
+    texts = [text for legend in fig.legends for text in legend.get_texts()]
+    for ax in fig.axes:
+        texts += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label]
+        texts += ax.get_legend().get_texts() if ax.get_legend() is not None else []
+    cut = []
+    for text in texts:
+        if not text.get_visible() or not text.get_text():
+            continue
+        box = text.get_window_extent(renderer)
+        if box.x0 < -0.5 or box.y0 < -0.5 or box.x1 > width + 0.5 or box.y1 > height + 0.5:
+            cut.append(text.get_text())
+    return cut
 
 
 def _save(plt: Any, fig: Any, path: Path) -> Path:

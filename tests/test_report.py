@@ -47,6 +47,32 @@ def test_report_writes_table_and_every_png(tmp_path, capsys):
     assert "from 6 split runs" in printed and "cola-e10, cola-e20" in printed
 
 
+def test_no_title_label_or_legend_entry_is_cut_at_the_figures_edges(tmp_path, monkeypatch):
+    """Every text of every figure lies inside its 800x500 canvas, with long run, group and method names too."""
+    cut: dict[str, list[str]] = {}
+    save = report._save
+
+    def checked(plt, fig, path):
+        cut[path.name] = report.outside_the_canvas(fig)
+        return save(plt, fig, path)
+
+    monkeypatch.setattr(report, "_save", checked)
+    runs = report.load_runs(make_runs(tmp_path / "runs"))
+    for run in runs:
+        run.config["group"] = f"{run.group}-a-sweep-with-a-rather-long-name-20261203-171137"
+        run.config["codec"] = f"{run.config.get('codec', 'none')} with a long option list, order=zb"
+        run.name = f"{run.name}-20261203-171137-a1b2"
+    report.write_report(runs, tmp_path / "out", log=lambda *_: None)
+    assert sorted(cut) == sorted({*report.FIGURES, *(p.name for p in (tmp_path / "out").glob("val_*.png"))})
+    assert cut == {name: [] for name in cut}
+    import matplotlib.pyplot as plt  # the check itself sees a cut text
+
+    fig, ax = plt.subplots(figsize=report.FIGURE_SIZE, dpi=report.FIGURE_DPI)
+    ax.set_title("x" * 200)
+    assert report.outside_the_canvas(fig) == ["x" * 200]
+    plt.close(fig)
+
+
 def test_curves_mark_the_first_best_epoch(tmp_path):
     """The best epoch of a curve is the first epoch with the largest value."""
     runs = report.load_runs([p for p in make_runs(tmp_path) if p.name.startswith("cola")])
