@@ -55,7 +55,7 @@ RUN_FILE, SUMMARY_FILE, METRICS_FILE = "run.json", "summary.json", "metrics.csv"
 FIGURE_SIZE, FIGURE_DPI = (8, 5), 100
 LEGEND_WIDTH = 34  # characters per line of a legend entry (longer ones wrap)
 FIGURE_PIXELS = (FIGURE_SIZE[0] * FIGURE_DPI, FIGURE_SIZE[1] * FIGURE_DPI)
-CURVE_METRICS = ("val/mcc", "val/acc")
+CURVE_METRICS = ("val/mcc", "val/acc", "val/loss")  # the best epoch: the largest value; the smallest loss
 # Run-config keys that differ between the seeds of one setting (or name one run), ignored by setting(); a dotted
 # key is one inside a section (CoLA's training order has its own seed, data.seed).
 # The clients of one many-client job ("client": each is a run of its own) pool the same way: a row or a curve of
@@ -326,7 +326,8 @@ def plot_curves(runs: Sequence[Run], metric: str, out: Path) -> Path:
     for i, members in enumerate(settings):
         values = seed_curve(members, metric)
         epochs, scores, n = values["epoch"] + 1, values["mean"], len(members)
-        best = int(scores.to_numpy().argmax())  # the first epoch with the largest value, as BestMetric keeps it
+        # the first epoch with the best value, as BestMetric keeps it: the largest, or the smallest loss
+        best = int(scores.to_numpy().argmin() if metric.endswith("loss") else scores.to_numpy().argmax())
         epochs_label = f"{members[0].config.get('max_epochs', '?')} epochs"
         if n == 1:
             ax.plot(epochs, scores, "-", color=f"C{i}", label=f"{epochs_label}, 1 run")
@@ -338,7 +339,7 @@ def plot_curves(runs: Sequence[Run], metric: str, out: Path) -> Path:
             best_label = (f"best of the mean: epoch {int(epochs.iloc[best])},\n"
                           f"{scores.iloc[best]:.4f} ± {values['std'].iloc[best]:.4f}")
         ax.plot(epochs.iloc[best], scores.iloc[best], "*", color=f"C{i}", markersize=14, label=best_label)
-    name = {"val/mcc": "Matthews correlation", "val/acc": "accuracy"}.get(metric, metric)
+    name = {"val/mcc": "Matthews correlation", "val/acc": "accuracy", "val/loss": "loss"}.get(metric, metric)
     ax.set(xlabel="epoch (1 = the first)", ylabel=metric)
     ax.set_title(f"Validation {name} against epoch\n{group}", fontsize="medium")
     ax.xaxis.get_major_locator().set_params(integer=True)

@@ -82,6 +82,18 @@ def test_curves_mark_the_first_best_epoch(tmp_path):
     assert int(values["val/mcc"].to_numpy().argmax()) == 3  # the tie at epochs 3 and 4 goes to the first
 
 
+def test_the_loss_curve_marks_the_epoch_of_the_smallest_loss(tmp_path, monkeypatch):
+    """val/loss is drawn too (overfitting shows in it first), its best epoch the first with the smallest loss."""
+    rows = [{"epoch": e, "step": 10 * e, "val/mcc": 0.1 * e, "val/loss": loss}
+            for e, loss in enumerate([0.62, 0.60, 0.60, 0.71, 0.99])]
+    write_run(tmp_path, "cola-e5", {"group": "overfit", "codec": "none", "chunks": None, "max_epochs": 5}, {}, rows)
+    labels = []
+    monkeypatch.setattr(report, "_legend_outside", lambda fig, ax: labels.extend(ax.get_legend_handles_labels()[1]))
+    written = report.write_report(report.load_runs([tmp_path]), tmp_path / "out", log=lambda *_: None)
+    assert sorted(p.name for p in written) == ["val_loss_overfit.png", "val_mcc_overfit.png"]
+    assert labels == ["5 epochs, 1 run", "best: epoch 5, 0.4000", "5 epochs, 1 run", "best: epoch 2, 0.6000"]
+
+
 def test_report_refuses_a_split_run_without_link_figures(tmp_path, capsys):
     """A split run whose summary lacks the bandwidth is refused by name, with exit status 2."""
     make_runs(tmp_path / "runs")
