@@ -54,6 +54,7 @@ __all__ = ["FIGURE_PIXELS", "ReportError", "Run", "build_table", "load_runs", "l
 RUN_FILE, SUMMARY_FILE, METRICS_FILE = "run.json", "summary.json", "metrics.csv"
 FIGURE_SIZE, FIGURE_DPI = (8, 5), 100
 LEGEND_WIDTH = 34  # characters per line of a legend entry (longer ones wrap)
+LOG_SCALE_SPAN = 100  # a figure whose values span more than this factor gets a logarithmic y axis
 FIGURE_PIXELS = (FIGURE_SIZE[0] * FIGURE_DPI, FIGURE_SIZE[1] * FIGURE_DPI)
 CURVE_METRICS = ("val/mcc", "val/acc", "val/loss")  # the best epoch: the largest value; the smallest loss
 # Run-config keys that differ between the seeds of one setting (or name one run), ignored by setting(); a dotted
@@ -289,7 +290,11 @@ def plot_against_chunks(table: pd.DataFrame, file: str, out: Path) -> Path:
         for (column, role), style in zip(series, ("-o", "--s")):
             ax.errorbar(rows["chunks"], rows[column], yerr=spread[column].fillna(0.0), fmt=style, color=f"C{i}",
                         capsize=3, label=f"{method} ({role})" if role else str(method))
-    ax.set(xlabel="chunks", ylabel=unit)
+    values = pd.concat([means[column] for column, _ in series]).dropna()
+    wide = len(values) and (values > 0).all() and values.max() / values.min() > LOG_SCALE_SPAN
+    if wide:  # e.g. the client's peak (a send into the socket buffers) beside the server's (what the link carried)
+        ax.set_yscale("log")
+    ax.set(xlabel="chunks", ylabel=f"{unit} (log scale)" if wide else unit)
     ax.set_title(f"{title} against chunks per compress method", fontsize="medium")
     ax.set_xticks(sorted(table["chunks"].unique()))
     ax.grid(alpha=0.3)

@@ -73,6 +73,17 @@ def test_no_title_label_or_legend_entry_is_cut_at_the_figures_edges(tmp_path, mo
     plt.close(fig)
 
 
+def test_a_figure_whose_values_span_decades_gets_a_log_axis(tmp_path, monkeypatch):
+    """The client's peak (sends into socket buffers, GB/s) beside the server's (the link's MB/s): log y axis."""
+    scales = []
+    monkeypatch.setattr(report, "_save", lambda plt, fig, path: scales.append(fig.axes[0].get_yscale()))
+    table = report.build_table(report.load_runs(make_runs(tmp_path / "runs")))
+    report.plot_against_chunks(table, "bandwidth_peak.png", tmp_path)  # 450 and 440 MB/s
+    table["bandwidth_peak_client_MBps"], table["bandwidth_peak_server_MBps"] = 1500.0, 1.2
+    report.plot_against_chunks(table, "bandwidth_peak.png", tmp_path)
+    assert scales == ["linear", "log"]
+
+
 def test_curves_mark_the_first_best_epoch(tmp_path):
     """The best epoch of a curve is the first epoch with the largest value."""
     runs = report.load_runs([p for p in make_runs(tmp_path) if p.name.startswith("cola")])
