@@ -21,6 +21,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from experiments.cli import link_summary
@@ -285,6 +286,32 @@ def test_the_delay_table_has_a_row_per_order_and_the_runs_of_each(tmp_path):
     assert [(r["order"], r["time_per_batch_s"]) for r in rows] == [("1f1b", 3.0), ("zb", 2.5)]  # gpipe: no run
     assert rows[0]["bound_s"] == rows[1]["bound_s"] and rows[1]["ratio"] == pytest.approx(2.5 / rows[1]["bound_s"])
     assert "| 10mbit | 25 | 50.4 | none | zb | 8 | 2.500 |" in _delay_markdown(rows)
+
+
+def test_every_row_of_the_timing_table_has_its_bound_and_the_pipelined_one_a_goal(tmp_path):
+    """Without delays too, each run's time per batch is printed beside its bound (from its own computation, bytes
+    and link rate), and the largest chunk count without a codec is checked against 1.10x of it."""
+    from experiments.bench_link import batch_bound, check_goals, run_bound
+
+    rows = []
+    for chunks, batch_s in ((1, 17.0), (8, 11.0)):
+        run = tmp_path / f"10mbit-none-c{chunks}"
+        run.mkdir()
+        per_chunk = 9.7e6 / chunks
+        (run / "summary.json").write_text(json.dumps({
+            "time/batch_s_run": batch_s, "time/compute_client_s_run": 0.2, "time/compute_server_s_run": 0.5,
+            "link/up_activation_bytes_per_chunk_run": per_chunk, "link/down_activation_bytes_per_chunk_run": 0,
+            "link/up_gradient_bytes_per_chunk_run": per_chunk, "link/down_gradient_bytes_per_chunk_run": 0}))
+        (run / "run.json").write_text(json.dumps({"link": {"up_mbit": 10, "down_mbit": 10}}))
+        rows.append({"run": run.name, "codec": "none", "order": "1f1b", "chunks": chunks,
+                     "time_per_batch_s": batch_s, "bytes_per_batch": 1.94e7, **run_bound(run, chunks)})
+    expected = batch_bound(client_s=0.2, server_s=0.5, up_bytes=9.7e6, down_bytes=9.7e6, up_bps=1e7, down_bps=1e7,
+                           delay_s=0.0, chunks=8)
+    assert rows[1]["bound_s"] == pytest.approx(expected) and rows[1]["ratio"] == pytest.approx(11.0 / expected)
+    goals = check_goals({"10mbit": pd.DataFrame(rows)}, {})
+    (bound_goal,) = [g for g in goals if "its bound" in g["goal"]]
+    assert bound_goal["goal"] == "10mbit: none chunks 8 time per batch / its bound"
+    assert bound_goal["value"] == pytest.approx(11.0 / expected) and bound_goal["met"] is False  # 1.19 > 1.10
 
 
 # -- slow: the link itself ----------------------------------------------------------------------------------------
