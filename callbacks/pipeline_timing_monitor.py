@@ -92,6 +92,7 @@ class PipelineTimingMonitor(LinkMonitor):
             wait_client = totals.pipeline_s - totals.compute_s
             wait_server = server.pipeline_s - server.compute_s
             pipeline = totals.pipeline_s + server.pipeline_s
+            busiest = max(totals.compute_s, server.compute_s)
             figures.update({
                 "time/compute_client_s": totals.compute_s / n,
                 "time/compute_server_s": server.compute_s / n,
@@ -100,8 +101,7 @@ class PipelineTimingMonitor(LinkMonitor):
                 "time/wait_client_s": wait_client / n,
                 "time/wait_server_s": wait_server / n,
                 "time/outside_client_s": (totals.wall_s - totals.pipeline_s) / n,
-                "time/bound_ratio": totals.wall_s / busiest if (busiest := max(totals.compute_s, server.compute_s))
-                else float("nan"),
+                "time/bound_ratio": totals.wall_s / busiest if busiest > 0 else float("nan"),
                 "time/bubble": (wait_client + wait_server) / pipeline if pipeline > 0 else float("nan"),
             })
         return figures
