@@ -157,7 +157,11 @@ def load_encoder(name_or_path: str, *, pretrained: bool = True, num_labels: int 
     overrides = dict(config_overrides or {})
     try:
         if pretrained:
-            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **overrides)
+            # use_kernels=False: transformers >= 5.25 swaps in hub kernels by default when `kernels` is installed
+            # (it is a dependency), and re-kernelises on every .train()/.eval(), which fails on the server, whose
+            # copy of the client's weights is on the meta device; the layers stay torch's own.
+            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, use_kernels=False,
+                                                                      **overrides)
         config = AutoConfig.from_pretrained(path, num_labels=num_labels, **overrides)
         return AutoModelForSequenceClassification.from_config(config)
     except OSError as err:

@@ -87,6 +87,20 @@ def test_bert_family_splits_too(tmp_path, dev_batch):
     torch.testing.assert_close(split_logits, ref)
 
 
+def test_the_server_copy_of_a_pretrained_encoder_switches_modes_with_the_clients_part_on_meta():
+    """The server's model holds the client's head and tail on the meta device; Lightning calls .train()/.eval() on
+    it around every validation. Loaded from pretrained weights (all-MiniLM-L6-v2, the main job's), that must not
+    try to swap in hub kernels (transformers >= 5.25 does by default), which cannot run on meta tensors."""
+    model = CoLAClassifier("sentence-transformers/all-MiniLM-L6-v2")
+    assert not model.encoder.use_kernels
+    split = model.configure_split()
+    for part in (split.head, split.tail):
+        part.to("meta")
+    model.eval()
+    model.train()
+    assert model.training and next(split.head.parameters()).is_meta
+
+
 def test_lora_trainable_parameters_per_rank():
     """With LoRA the client trains layer 0's query/value adapters and the head, the server the other adapters."""
     model = tiny_model(lora_r=4)
