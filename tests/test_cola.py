@@ -87,11 +87,16 @@ def test_bert_family_splits_too(tmp_path, dev_batch):
     torch.testing.assert_close(split_logits, ref)
 
 
-def test_the_server_copy_of_a_pretrained_encoder_switches_modes_with_the_clients_part_on_meta():
+def test_the_server_copy_of_a_pretrained_encoder_switches_modes_with_the_clients_part_on_meta(tmp_path):
     """The server's model holds the client's head and tail on the meta device; Lightning calls .train()/.eval() on
-    it around every validation. Loaded from pretrained weights (all-MiniLM-L6-v2, the main job's), that must not
-    try to swap in hub kernels (transformers >= 5.25 does by default), which cannot run on meta tensors."""
-    model = CoLAClassifier("sentence-transformers/all-MiniLM-L6-v2")
+    it around every validation. Loaded with from_pretrained (as the main job's all-MiniLM-L6-v2 is; here a tiny BERT
+    saved to a folder), that must not swap in hub kernels (transformers >= 5.25 does by default and again on every
+    mode switch), which cannot run on meta tensors."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(**TINY, vocab_size=64, num_labels=2)).save_pretrained(tmp_path)
+    model = CoLAClassifier(str(tmp_path))
     assert not model.encoder.use_kernels
     split = model.configure_split()
     for part in (split.head, split.tail):
