@@ -13,7 +13,8 @@ every order; the table gives the median over the repeats and the ratio's range. 
 the ratio is at most 1.10 in a compute-bound run. Run it on an otherwise idle machine: the two ranks take one core
 each, and anything else running shows up as time outside the computation.
 
-Writes ``<out>/runs.json`` (every run's figures), ``<out>/results.md`` (the table and the goals) and prints it.
+Writes ``<out>/runs.json`` (every run's figures), ``<out>/results.md`` (the table and the goals) and prints it;
+``--merge a/runs.json b/runs.json`` rebuilds the table from runs made in several sittings.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 from experiments.cli import CONFIG_DIR
 from splitlit.schedule import ORDERS
 
-__all__ = ["GOAL", "command", "main", "rows", "markdown"]
+__all__ = ["GOAL", "command", "main", "markdown", "report", "rows"]
 
 GOAL = 1.10  # time per batch / max(client, server computation), compute-bound, chunks 4
 ENTRY = {"cola": "experiments.cola_roberta", "cifar10": "experiments.cifar10_mobilenet"}
@@ -69,8 +70,11 @@ def rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for run in runs:
         groups.setdefault((run["preset"], run["order"], run["chunks"]), []).append(run)
+    presets = list(dict.fromkeys(run["preset"] for run in runs))
+    rank = {o: i for i, o in enumerate(ORDERS)}
     out = []
-    for (preset, order, chunks), group in groups.items():
+    for (preset, order, chunks), group in sorted(groups.items(), key=lambda kv: (presets.index(kv[0][0]),
+                                                                                 kv[0][2], rank.get(kv[0][1], 99))):
         row: dict[str, Any] = {"preset": preset, "order": order, "chunks": chunks, "n": len(group)}
         row.update({f: statistics.median(r[f] for r in group) for f in FIGURES})
         ratios = [r["bound_ratio"] for r in group]
@@ -105,7 +109,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=30, help="training batches per run (the first is left out)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per setting; the table shows their median")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_bound"))
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="RUNS_JSON",
+                        help="no runs: the table of the runs in these runs.json files, written to --out")
     args = parser.parse_args(argv)
+    if args.merge:
+        missing = [str(p) for p in args.merge if not p.is_file()]
+        if missing:
+            parser.error(f"--merge {' '.join(missing)}: no such file; give the runs.json of earlier bench_bound runs.")
+        runs = [run for path in args.merge for run in json.loads(path.read_text())]
+        report(runs, args.out)
+        return
     if args.batches < 3 or args.repeats < 1:
         parser.error(f"--batches {args.batches} --repeats {args.repeats}: give at least 3 batches (the first is "
                      f"left out) and 1 repeat, e.g. --batches 30 --repeats 3.")
@@ -128,9 +141,14 @@ def main(argv: list[str] | None = None) -> None:
                                  **read_run(root)})
                     print(f"{preset} {order} c{chunks} repeat {repeat}: {runs[-1]['batch_s']:.3f} s/batch, "
                           f"time / bound {runs[-1]['bound_ratio']:.3f}", flush=True)
-    (args.out / "runs.json").write_text(json.dumps(runs, indent=1) + "\n")
+    report(runs, args.out)
+
+
+def report(runs: list[dict[str, Any]], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runs.json").write_text(json.dumps(runs, indent=1) + "\n")
     text = markdown(rows(runs))
-    (args.out / "results.md").write_text(text + "\n")
+    (out / "results.md").write_text(text + "\n")
     print(text)
 
 

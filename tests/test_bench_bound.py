@@ -51,3 +51,19 @@ def test_a_runs_figures_come_from_its_summary(tmp_path):
         read_run(tmp_path)
     with pytest.raises(RuntimeError, match="expected one summary.json"):
         read_run(tmp_path / "nothing")
+
+
+def test_merge_rebuilds_the_table_from_several_sittings(tmp_path, capsys):
+    from experiments.bench_bound import main
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps([_run("cola_small", "zb", 1.02), _run("cifar10_small", "gpipe", 1.05)]))
+    second.write_text(json.dumps([_run("cola_small", "zb", 1.08)]))
+    main(["--merge", str(first), str(second), "--out", str(tmp_path / "out")])
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| cola_small | zb | 4 | 2 |" in table and "1.050 [1.020, 1.080] | yes |" in table
+    assert "| cifar10_small | gpipe | 4 | 1 |" in table and table in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "out" / "runs.json").read_text())) == 3
+    with pytest.raises(SystemExit):
+        main(["--merge", str(tmp_path / "nope.json"), "--out", str(tmp_path / "out")])
+    assert "nope.json: no such file" in capsys.readouterr().err
