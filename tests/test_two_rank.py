@@ -183,6 +183,27 @@ def test_torchrun_launch_trains_the_same(tmp_path):
         assert _max_diff(ref["state"], torch.load(tmp_path / "split" / f"rank{rank}.pt")["state"]) <= 1e-5
 
 
+DROPOUT_DRAWS = REPO / "tests" / "scripts" / "dropout_draws.py"
+
+
+def test_each_rank_draws_its_dropout_from_its_own_stream(tmp_path):
+    """In a seeded run the server's dropout never draws from a random state the client also draws from (both ranks
+    start from the run's seed; left alike, the body's masks would repeat the head's draws), and no state repeats
+    within a rank across micro-batches and steps. The one repeat on each rank is torch's shape inference at the
+    first step, which runs each stage once under a forked stream (so it draws nothing from the run's): the first
+    real forward then starts from the same state."""
+    result = run_fit_script(DROPOUT_DRAWS, ["--out", str(tmp_path)], timeout=120)
+    assert result.returncode == 0, result.output
+    client, server = (json.loads((tmp_path / f"draws.rank{r}.json").read_text()) for r in (0, 1))
+    assert client["start"] != server["start"]  # seeded alike, both ranks would start the fit in the same state
+    client, server = client["draws"], server["draws"]
+    micro_batches = 6 * 2  # 6 batches of 8 in 2 chunks; the head's dropout on the client, the body's on the server
+    for draws in (client, server):
+        assert len(draws) == micro_batches + 1 and draws[0] == draws[1]  # shape inference, then micro-batch 0
+        assert len(set(draws)) == micro_batches
+    assert not set(client) & set(server)
+
+
 RESUME_TOY = REPO / "tests" / "scripts" / "resume_toy.py"
 
 
