@@ -236,7 +236,7 @@ EXPECTED = {
     "cola_gpipe_40": {"split": False, "max_epochs": 40, "lr": 2e-5, "weight_decay": 1e-4, "batch_size": 32},
     "cola_pipeline_poweriter16": {"split": True, "max_epochs": 20, "lr": 2e-5, "up_rank": 16, "max_length": 128,
                                   "padding": "max_length"},
-    "cola_small": {"split": True, "max_length": 64,
+    "cola_small": {"split": True, "max_length": 64, "order": "zb",
                    "model_name_or_path": "sentence-transformers/all-MiniLM-L6-v2"},
     "cola_clients": {"split": True, "partition": "iid"},  # with cola_small in the README; alone it still builds
 }
@@ -262,6 +262,8 @@ def test_preset_instantiates(preset, monkeypatch):
     model_cfg, data_cfg = cli.config["model"], cli.config["data"]
     assert isinstance(cli.trainer.strategy, SplitPipelineStrategy) == want.pop("split")
     assert cli.trainer.max_epochs == want.pop("max_epochs", cli.trainer.max_epochs)
+    if isinstance(cli.trainer.strategy, SplitPipelineStrategy):
+        assert cli.trainer.strategy.order == want.pop("order", "1f1b")  # cola_roberta.yaml's, unless the preset's
     if "up_rank" in want:
         assert type(cli.model.up_codec).__name__ == "PowerIteration" and cli.model.up_codec.rank == want.pop("up_rank")
     if "model_name_or_path" in want:  # the preset's own model (the test swapped in a tiny one on the command line)
