@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
             for chunks in args.chunks:
                 for order in args.orders:
                     root = args.out / preset / f"{order}-c{chunks}-r{repeat}"
-                    root.mkdir(parents=True, exist_ok=True)
+                    shutil.rmtree(root, ignore_errors=True)  # an earlier sitting's run of this setting: replaced
+                    root.mkdir(parents=True)
                     with open(root / "log.txt", "w") as log:
                         code = subprocess.call(command(preset, order, chunks, args.batches, root), env=env,
                                                stdout=log, stderr=subprocess.STDOUT)
@@ -141,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
                                  **read_run(root)})
                     print(f"{preset} {order} c{chunks} repeat {repeat}: {runs[-1]['batch_s']:.3f} s/batch, "
                           f"time / bound {runs[-1]['bound_ratio']:.3f}", flush=True)
+                    # after every run, so a stopped benchmark keeps what it measured (--merge tables it)
+                    (args.out / "runs.json").write_text(json.dumps(runs, indent=1) + "\n")
     report(runs, args.out)
 
 

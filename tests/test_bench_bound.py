@@ -4,6 +4,7 @@ median over repeats with the goal checked."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,28 @@ def test_merge_rebuilds_the_table_from_several_sittings(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--merge", str(tmp_path / "nope.json"), "--out", str(tmp_path / "out")])
     assert "nope.json: no such file" in capsys.readouterr().err
+
+
+def test_each_run_is_kept_as_it_ends_and_a_second_sitting_replaces_its_folders(tmp_path, monkeypatch, capsys):
+    """runs.json is written after every run (a stopped benchmark keeps its runs); rerun into the same --out, each
+    setting's folder is replaced instead of holding two summaries."""
+    from experiments import bench_bound
+
+    seen = []
+
+    def fake_run(cmd, env, stdout, stderr):  # one run: a summary.json where the preset's CLI would write it
+        root = Path(cmd[cmd.index("--trainer.default_root_dir") + 1])
+        (root / "run-name").mkdir()
+        ratio = 1.0 + 0.01 * len(seen)
+        (root / "run-name" / "summary.json").write_text(json.dumps({f"time/{f}_run": ratio for f in FIGURES}))
+        seen.append(json.loads((tmp_path / "runs.json").read_text()) if (tmp_path / "runs.json").exists() else [])
+        return 0
+
+    monkeypatch.setattr(bench_bound.subprocess, "call", fake_run)
+    args = ["--presets", "cola_small", "--orders", "1f1b", "zb", "--repeats", "1", "--out", str(tmp_path)]
+    bench_bound.main(args)
+    assert [len(runs) for runs in seen] == [0, 1]  # the first run was on disk before the second started
+    bench_bound.main(args)  # the same folders again
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    assert [(r["order"], r["bound_ratio"]) for r in runs] == [("1f1b", 1.02), ("zb", 1.03)]
+    assert "| cola_small | zb | 4 | 1 |" in capsys.readouterr().out
