@@ -22,6 +22,7 @@ variable (JSON text, or the path of a JSON file).
 
 from __future__ import annotations
 
+import csv
 import inspect
 import json
 import netrc
@@ -39,12 +40,13 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from callbacks import BestMetric, LinkTrafficMonitor, PipelineTimingMonitor
 from splitlit.link import LINK_ENV
 
-__all__ = ["CONFIG_DIR", "LINK_ENV", "RUN_FILE", "RunSettings", "SplitCLI", "link_summary", "run_cli", "wandb_mode"]
+__all__ = ["CONFIG_DIR", "LINK_ENV", "RUN_FILE", "ResumedCSVLogger", "RunSettings", "SplitCLI", "link_summary", "run_cli", "wandb_mode"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -203,12 +205,13 @@ def _default_loggers(settings: RunSettings, run: dict[str, Any], root: str) -> l
     # job's name; no client's metrics reach another client or the server.
     client = run.get("client")
     version = run["name"] if client is None else f"{run['name']}/client{client}"
-    csv = CSVLogger(save_dir=root, name="", version=version)
-    loggers: list[Logger] = [csv]
+    resuming = run.get("ckpt_path") is not None
+    csv_logger = (ResumedCSVLogger if resuming else CSVLogger)(save_dir=root, name="", version=version)
+    loggers: list[Logger] = [csv_logger]
     mode = wandb_mode(settings.wandb)
     if mode != "disabled":
         extra = {} if client is None else {"job_type": f"client{client}"}
-        loggers.append(WandbLogger(name=version.replace("/", "-"), save_dir=csv.log_dir, project=settings.project,
+        loggers.append(WandbLogger(name=version.replace("/", "-"), save_dir=csv_logger.log_dir, project=settings.project,
                                    group=run["group"] if client is None else run["name"], tags=run["tags"],
                                    config=_json_safe(run), offline=mode == "offline", mode=mode, **extra))
     return loggers
@@ -222,6 +225,49 @@ def _process_rank(trainer_config: dict[str, Any]) -> int:
     per_node = int(devices) if isinstance(devices, int) or str(devices).isdigit() else 1
     node = int(os.environ.get("NODE_RANK", 0))
     return node * per_node + int(os.environ.get("LOCAL_RANK", 0))
+
+
+class ResumedCSVLogger(CSVLogger):
+    """Lightning's ``CSVLogger`` for a run that resumes in its own folder: it keeps the rows the run wrote before
+    (Lightning's deletes an existing ``metrics.csv``), up to the step it resumes from (:meth:`resume_at`), so the
+    curves of a run that was stopped and resumed hold every epoch."""
+
+    @property
+    def experiment(self) -> Any:
+        if self._experiment is not None or rank_zero_only.rank != 0:
+            return super().experiment
+        path = Path(self.log_dir) / "metrics.csv"
+        rows, keys = _read_metrics(path)
+        writer = super().experiment  # deletes the file
+        if rows:
+            with path.open("w", newline="") as file:
+                out = csv.DictWriter(file, fieldnames=keys)
+                out.writeheader()
+                out.writerows(rows)
+            writer.metrics_keys = keys  # appended to from here on, the header rewritten if new keys come
+        return writer
+
+    def resume_at(self, step: int) -> None:
+        """Drop the rows logged after ``step`` (the resumed run logs them again)."""
+        path = Path(self.log_dir) / "metrics.csv"
+        if rank_zero_only.rank != 0:
+            return
+        self.experiment.save()
+        rows, keys = _read_metrics(path)
+        kept = [r for r in rows if not r.get("step") or float(r["step"]) <= step]
+        if len(kept) < len(rows):
+            with path.open("w", newline="") as file:
+                out = csv.DictWriter(file, fieldnames=keys)
+                out.writeheader()
+                out.writerows(kept)
+
+
+def _read_metrics(path: Path) -> tuple[list[dict[str, str]], list[str]]:
+    if not path.is_file():
+        return [], []
+    with path.open(newline="") as file:
+        reader = csv.DictReader(file)
+        return list(reader), list(reader.fieldnames or [])
 
 
 class _SaveRunConfig(Callback):
@@ -245,6 +291,12 @@ class _SaveRunConfig(Callback):
             summary = folder / "summary.json"
             values = json.loads(summary.read_text()) if summary.is_file() else {}
             summary.write_text(json.dumps({**values, **measured}, indent=1, sort_keys=True) + "\n")
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for logger in trainer.loggers:  # the checkpoint is restored by now: its step is the run's
+            if isinstance(logger, ResumedCSVLogger):
+                logger.resume_at(trainer.global_step)
 
 
 # What of the link goes into summary.json: its settings and the probe's measurements (see splitlit.link).

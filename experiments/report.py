@@ -57,11 +57,12 @@ LEGEND_WIDTH = 34  # characters per line of a legend entry (longer ones wrap)
 LOG_SCALE_SPAN = 100  # a figure whose values span more than this factor gets a logarithmic y axis
 FIGURE_PIXELS = (FIGURE_SIZE[0] * FIGURE_DPI, FIGURE_SIZE[1] * FIGURE_DPI)
 CURVE_METRICS = ("val/mcc", "val/acc", "val/loss")  # the best epoch: the largest value; the smallest loss
-# Run-config keys that differ between the seeds of one setting (or name one run), ignored by setting(); a dotted
-# key is one inside a section (CoLA's training order has its own seed, data.seed).
+# Run-config keys that differ between the seeds of one setting (or name one run, say where it was written or what
+# it resumed from), ignored by setting(); a dotted key is one inside a section (CoLA's training order has its own
+# seed, data.seed).
 # The clients of one many-client job ("client": each is a run of its own) pool the same way: a row or a curve of
 # such a job is the mean over its clients (and seeds), with the spread across them.
-PER_RUN_KEYS = ("name", "command", "seed_everything", "data.seed", "client")
+PER_RUN_KEYS = ("name", "command", "seed_everything", "data.seed", "client", "trainer.default_root_dir", "ckpt_path")
 
 # table column -> (summary key, scale, Markdown format)
 TABLE = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import struct
 
@@ -205,6 +207,11 @@ def test_overfitting_curve_of_seeds_is_the_mean_with_a_std_band(tmp_path, capsys
     make_seed_runs(tmp_path)
     runs = [r for r in report.load_runs([tmp_path]) if r.group == "cola-seeds"]
     assert len(report.by_setting(runs)) == 1  # seed_everything and data.seed are the only differences
+    written = [dataclasses.replace(r, config={**r.config, "trainer": {"default_root_dir": f"root{i}", "devices": 2},
+                                              "ckpt_path": "last" if i else None}) for i, r in enumerate(runs)]
+    assert len(report.by_setting(written)) == 1  # where a run was written, or that it resumed, is not its setting
+    written[0].config["trainer"]["devices"] = 1
+    assert len(report.by_setting(written)) == 2
     values = report.seed_curve(runs, "val/mcc")
     assert list(values["mean"]) == [0.5, 0.625, 0.75, 0.875, 0.75, 0.625] and set(values["n"]) == {3}
     assert values["std"].to_numpy() == pytest.approx([0.0625] * 6)

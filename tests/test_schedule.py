@@ -6,7 +6,7 @@ import pytest
 from torch.distributed.pipelining.schedules import _add_send_recv
 from torch.distributed.pipelining.schedules import _ComputationType as C
 
-from splitlit.schedule import _receives_first, u_order
+from splitlit.schedule import RECEIVES_AHEAD, _receives_ahead, u_order
 
 
 @pytest.mark.parametrize("order", ["gpipe", "1f1b", "zb", None])
@@ -46,8 +46,8 @@ def _peak_live(order: str, n: int, stage: int) -> int:
 
 
 def test_1f1b_bounds_microbatches_in_flight():
-    """Under 1f1b the client holds at most three head activations whatever the chunk count; gpipe holds all."""
-    assert [_peak_live("1f1b", n, 0) for n in (1, 2, 4, 8, 16)] == [1, 2, 3, 3, 3]
+    """Under 1f1b the client holds at most four head activations whatever the chunk count; gpipe holds all."""
+    assert [_peak_live("1f1b", n, 0) for n in (1, 2, 4, 8, 16)] == [1, 2, 4, 4, 4]
     assert _peak_live("gpipe", 8, 0) == 8
 
 
@@ -56,18 +56,44 @@ def test_zb_holds_as_many_microbatches_as_1f1b(stage):
     """zb's activation memory is 1F1B's: per stage the same number of live micro-batches, whatever the chunk count."""
     counts = [_peak_live("zb", n, stage) for n in (1, 2, 4, 8, 16)]
     assert counts == [_peak_live("1f1b", n, stage) for n in (1, 2, 4, 8, 16)]
-    assert counts[2:] == [{0: 3, 1: 2, 2: 1}[stage]] * 3
+    assert counts[2:] == [{0: 4, 1: 2, 2: 1}[stage]] * 3
 
 
-@pytest.mark.parametrize("order", ["1f1b", "gpipe", None])
-def test_receives_are_posted_before_the_sends_they_would_queue_behind(order):
-    """No receive follows a send directly, and the receives and the sends each keep their order (gloo matches so)."""
-    lowered = _add_send_recv(u_order(order, 4), stage_to_rank={0: 0, 1: 1, 2: 0}.__getitem__, num_stages=3)
+@pytest.mark.parametrize("order", ["gpipe", "1f1b", "zb", None])
+@pytest.mark.parametrize("n", [1, 4, 8])
+def test_receives_are_posted_ahead_of_the_sends_and_computations_before_them(order, n):
+    """Every receive comes before the sends before it and up to RECEIVES_AHEAD computations before the one that
+    needs it; the receives and the sends each keep their order (gloo matches so); a gradient's receive never comes
+    before its stage's forward of that micro-batch."""
+    lowered = _add_send_recv(u_order(order, n), stage_to_rank={0: 0, 1: 1, 2: 0}.__getitem__, num_stages=3)
     for actions in lowered.values():
-        moved = _receives_first(actions)
-        kinds = [a.computation_type for a in moved]
+        moved = _receives_ahead(actions)
         assert sorted(map(str, moved)) == sorted(map(str, actions))
         for comm in ((C.RECV_F, C.RECV_B), (C.SEND_F, C.SEND_B)):
             kept = [a for a in moved if a.computation_type in comm]
             assert kept == [a for a in actions if a.computation_type in comm]
-        assert not any(k in (C.RECV_F, C.RECV_B) and p in (C.SEND_F, C.SEND_B) for p, k in zip(kinds, kinds[1:]))
+        assert [a for a in moved if a.computation_type in _COMPUTE] == [a for a in actions if a.computation_type in _COMPUTE]
+        for a in (a for a in actions if a.computation_type in (C.RECV_F, C.RECV_B)):
+            i, ahead = moved.index(a), _computations_ahead(moved, a)
+            before = moved[:i]
+            # RECEIVES_AHEAD computations further ahead than torch put it, unless the start of the step, an earlier
+            # receive or the stage's own forward of that micro-batch stops it
+            stopped = not before or before[-1].computation_type in (C.RECV_F, C.RECV_B) or (
+                before[-1].stage_index, before[-1].microbatch_index) == (a.stage_index, a.microbatch_index)
+            assert ahead == _computations_ahead(actions, a) + RECEIVES_AHEAD or stopped
+            assert not before or before[-1].computation_type not in (C.SEND_F, C.SEND_B)
+            if a.computation_type == C.RECV_B:
+                assert any(b.computation_type == C.FORWARD and (b.stage_index, b.microbatch_index)
+                           == (a.stage_index, a.microbatch_index) for b in before)
+
+
+def _computations_ahead(actions: list, receive) -> int:
+    """Computations between ``receive`` and the one that needs what it receives."""
+    i = actions.index(receive)
+    needs = (C.FORWARD,) if receive.computation_type == C.RECV_F else (C.FULL_BACKWARD, C.BACKWARD_INPUT)
+    j = next(j for j in range(i + 1, len(actions)) if actions[j].computation_type in needs
+             and (actions[j].stage_index, actions[j].microbatch_index) == (receive.stage_index, receive.microbatch_index))
+    return sum(b.computation_type in _COMPUTE for b in actions[i + 1:j])
+
+
+_COMPUTE = (C.FORWARD, C.FULL_BACKWARD, C.BACKWARD_INPUT, C.BACKWARD_WEIGHT)

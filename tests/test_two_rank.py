@@ -170,6 +170,10 @@ def test_mobilenet_two_hosts_checkpoint_and_resume(tmp_path):
     for rank in (0, 1):
         start = torch.load(tmp_path / "probe2" / f"rank{rank}_start.pt")
         assert start and all(torch.equal(v, state[k]) for k, v in start.items())
+    # The resumed run's metrics.csv keeps the rows of the first epoch (Lightning's CSVLogger would delete them)
+    resumed = pd.read_csv(ckpt.parent.parent / "metrics.csv")
+    assert list(resumed["val/acc"].dropna().index.map(resumed["epoch"].get)) == [0, 1]
+    assert resumed["val/acc"].dropna().iloc[0] == pytest.approx(metrics["val/acc"].dropna().iloc[-1])
 
 
 def test_torchrun_launch_trains_the_same(tmp_path):
