@@ -15,8 +15,8 @@ and with ``--no-offload`` (one read per packet) 36-37% of one core. The goal (is
 Part of that time is not the delay line's own work: a write into a TUN device runs the receiving host's IP and TCP
 in the writer's time, work that a veth pair does too, in its softirq, charged to whoever runs then. ``--compare``
 also streams the same bytes over a ``tc tbf`` veth pair at the same rate, alternating the two links ``--repeats``
-times, and prints the machine's busy CPU (``/proc/stat``, every core) during each stream: the delay line's added
-CPU is the difference of the medians. Run it on an otherwise idle machine: ``/proc/stat`` counts everyone's work.
+times, and prints the machine's busy CPU during each stream (every core's time less its idle time, from
+``/proc/stat``): the delay line's added CPU is the difference of the medians. Run it on an otherwise idle machine: ``/proc/stat`` counts everyone's work.
 """
 
 from __future__ import annotations
@@ -43,10 +43,14 @@ def cpu_seconds(pid: int) -> tuple[float, float, float]:
     return runtime, int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds every core of the machine has been busy so far (``/proc/stat``: all but idle and iowait)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+def machine_idle_seconds() -> tuple[float, int]:
+    """Seconds every core of the machine has been idle so far, and the number of cores (``/proc/stat``: idle and
+    iowait, which the kernel counts exactly on a tickless machine, where busy time is only sampled at each tick and
+    misses short wake-ups)."""
+    lines = Path("/proc/stat").read_text().split("\n")
+    fields = [int(v) for v in lines[0].split()[1:]]
+    cores = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    return (fields[3] + fields[4]) / os.sysconf("SC_CLK_TCK"), cores
 
 
 def stream(spec: LinkSpec, seconds: float) -> dict[str, float]:
@@ -55,9 +59,10 @@ def stream(spec: LinkSpec, seconds: float) -> dict[str, float]:
     nbytes = int(spec.bandwidth / 8 * seconds)
     with ShapedLink(spec) as link:
         pid = link.delayline.pid if link.tun else None
-        cpu0, busy0, wall0 = cpu_seconds(pid) if pid else (0.0,) * 3, machine_busy_seconds(), time.monotonic()
+        cpu0, (idle0, cores), wall0 = cpu_seconds(pid) if pid else (0.0,) * 3, machine_idle_seconds(), time.monotonic()
         rate = stream_rate(link, "client", "server", nbytes, seconds)
-        wall, busy = time.monotonic() - wall0, machine_busy_seconds() - busy0
+        wall = time.monotonic() - wall0
+        busy = cores * wall - (machine_idle_seconds()[0] - idle0)
         after = cpu_seconds(pid) if pid else (0.0,) * 3
     cpu, user, system = (b - a for a, b in zip(cpu0, after))
     return {"rate": rate, "wall": wall, "busy": busy, "cpu": cpu, "user": user, "system": system,

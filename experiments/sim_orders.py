@@ -2,6 +2,7 @@
 
     python -m experiments.sim_orders                                 # MobileNetV2 128 px, batch 16, 10 Mbit/s
     python -m experiments.sim_orders --rate 100mbit --chunks 1 4 8
+    python -m experiments.sim_orders --delay 25ms --up-mb 0.52 --down-mb 0.33 --server-s 0.55 --warmup 2 3 4
     python -m experiments.sim_orders --server-s 0.77 --client-s 0.20 --up-mb 0.4 --down-mb 0.4 --rate 1gbit
 
 Each rank runs its actions as ``USchedule`` lowers them (torch's ``_add_send_recv``, then the receives moved
@@ -68,9 +69,9 @@ class Cost:
                            delay_s=self.delay_s, chunks=n)
 
 
-def lower(order: str, n: int) -> dict[int, list[_Action]]:
+def lower(order: str, n: int, warmup: int = 2) -> dict[int, list[_Action]]:
     """The actions each rank runs for ``order`` and ``n`` micro-batches, sends and receives included."""
-    lowered = _add_send_recv(u_order(order, n), stage_to_rank=_RANK.__getitem__, num_stages=3)
+    lowered = _add_send_recv(u_order(order, n, warmup), stage_to_rank=_RANK.__getitem__, num_stages=3)
     return {rank: _receives_ahead(actions) for rank, actions in lowered.items()}
 
 
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--rate", default="9.57mbit", help="each direction's rate, e.g. 10mbit (default: probed 10)")
     parser.add_argument("--delay", default="0ms", help="one-way delay, e.g. 25ms")
+    parser.add_argument("--warmup", type=int, nargs="+", default=[2],
+                        help="1f1b's and zb's warm-up (SplitPipelineStrategy(warmup=...)); several: a row each")
     parser.add_argument("--client-s", type=float, default=0.039, help="client computation per batch (s)")
     parser.add_argument("--server-s", type=float, default=0.9075, help="server computation per batch (s)")
     parser.add_argument("--up-mb", type=float, default=8.389, help="up activations per batch (MB, 1e6 bytes)")
@@ -189,14 +192,15 @@ def main(argv: list[str] | None = None) -> None:
                 down_bytes=args.down_mb * 1e6, up_bps=rate, down_bps=rate, delay_s=parse_delay(args.delay))
     print(f"{args.rate}, {args.delay} one way; per batch: client {cost.client_s:.3f} s, server {cost.server_s:.3f} s, "
           f"{args.up_mb + args.down_mb:.2f} MB each way")
-    print("| order | chunks | time per batch (s) | up busy | down busy | bound (s) | time / bound |")
-    print("|---|---|---|---|---|---|---|")
+    print("| order | warm-up | chunks | time per batch (s) | up busy | down busy | bound (s) | time / bound |")
+    print("|---|---|---|---|---|---|---|---|")
     for order in args.orders:
-        for n in args.chunks:
-            result = simulate(lower(order, n), cost, n)
-            t = result["time_s"]
-            print(f"| {order} | {n} | {t:.3f} | {result['up_busy_s'] / t:.0%} | {result['down_busy_s'] / t:.0%} "
-                  f"| {cost.bound(n):.3f} | {t / cost.bound(n):.3f} |")
+        for warmup in args.warmup if order != "gpipe" else ["-"]:
+            for n in args.chunks:
+                result = simulate(lower(order, n, 2 if warmup == "-" else warmup), cost, n)
+                t = result["time_s"]
+                print(f"| {order} | {warmup} | {n} | {t:.3f} | {result['up_busy_s'] / t:.0%} "
+                      f"| {result['down_busy_s'] / t:.0%} | {cost.bound(n):.3f} | {t / cost.bound(n):.3f} |")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ class SplitPipeline:
         device: where this rank's stages run.
         chunks: micro-batches per batch.
         order: ``"1f1b"``, ``"gpipe"`` or ``"zb"`` (see :mod:`splitlit.schedule`).
+        warmup: micro-batches 1f1b and zb send forward before the first backward (see :func:`splitlit.schedule.u_order`).
         timeout: seconds, only used to word errors; the process group enforces it.
         meter: records every tensor handed to the transport.
         ledger: books each step header the server receives (see :class:`splitlit.transport.Ledger`).
@@ -99,7 +100,7 @@ class SplitPipeline:
     """
 
     def __init__(self, split: Split, *, rank: int, device: torch.device, chunks: int, order: str = "1f1b",
-                 timeout: float = 300.0, meter: LinkMeter | None = None, cache_size: int = 16,
+                 warmup: int = 2, timeout: float = 300.0, meter: LinkMeter | None = None, cache_size: int = 16,
                  wire: WirePlan | Mapping[str, Any] | None = None, ledger: Ledger | None = None,
                  group: dist.ProcessGroup | None = None) -> None:
         if rank not in (CLIENT_RANK, SERVER_RANK):
@@ -109,6 +110,7 @@ class SplitPipeline:
         self.device = device
         self.chunks = chunks
         self.order = order
+        self.warmup = warmup
         self.timeout = timeout
         self.meter = meter if meter is not None else LinkMeter()
         self.ledger = ledger if ledger is not None else Ledger()
@@ -211,7 +213,7 @@ class SplitPipeline:
         stages = [make(head, 0), make(tail, 2)] if self.is_client else [make(server, 1)]
         loss_fn = self._dispatch_loss if kind == _TRAIN else None
         log.debug("rank %d: new %s schedule with %d micro-batches", self.rank, _KINDS[kind], n_microbatches)
-        return USchedule(stages, n_microbatches, loss_fn=loss_fn, order=self.order)
+        return USchedule(stages, n_microbatches, loss_fn=loss_fn, order=self.order, warmup=self.warmup)
 
     def _dispatch_loss(self, output: Any, target: Any) -> torch.Tensor:
         if self._running is not None and self._running.inferring_shapes:

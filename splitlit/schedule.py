@@ -45,8 +45,9 @@ W = _ComputationType.BACKWARD_WEIGHT
 ORDERS = ("gpipe", "1f1b", "zb")
 
 
-def u_order(order: str | None, n: int) -> dict[int, list[_Action]]:
-    """Compute-only actions per rank for ``n`` micro-batches; ``order=None`` is forward-only.
+def u_order(order: str | None, n: int, warmup: int = 2) -> dict[int, list[_Action]]:
+    """Compute-only actions per rank for ``n`` micro-batches; ``order=None`` is forward-only. ``warmup``: the
+    micro-batches 1f1b and zb send forward before the first backward (at most ``n``).
 
     ``"zb"`` follows Qi et al., "Zero Bubble Pipeline Parallelism" (ICLR 2024): a backward is two
     computations, the input gradient I (on the critical path: the previous stage waits for it) and the weight
@@ -69,7 +70,9 @@ def u_order(order: str | None, n: int) -> dict[int, list[_Action]]:
     micro-batch, for a crossing of the small cut and the computations around it.
 
     Memory is 1f1b's, in micro-batches whose activations a stage holds (a forward not yet freed by its B or
-    W): head 4, server 2, tail 1, whatever ``n`` (gpipe: ``n`` everywhere). ZB-H1 keeps 1F1B's memory too;
+    W): head ``warmup + 2``, server ``warmup``, tail 1, whatever ``n`` (gpipe: ``n`` everywhere). A deeper warm-up
+    keeps a far link busy: the round trip of one micro-batch crosses it four times, and the warm-up is what the
+    client sends while the first one is on its way. ZB-H1 keeps 1F1B's memory too;
     ZB-H2 buys the last bubbles with a longer warm-up (more memory), which a link-bound U does not need.
     """
     fwd = lambda stage, mb: _Action(stage, F, mb)  # noqa: E731
@@ -89,7 +92,7 @@ def u_order(order: str | None, n: int) -> dict[int, list[_Action]]:
         return {CLIENT_RANK: client, SERVER_RANK: server}
     if order in ("1f1b", "zb"):
         split = order == "zb"
-        warmup = min(2, n)
+        warmup = min(warmup, n)
         client = [fwd(HEAD, mb) for mb in range(warmup)]
         server = [fwd(BODY, mb) for mb in range(warmup)]
         for mb in range(n):
@@ -154,11 +157,11 @@ class USchedule(_PipelineScheduleRuntime):
     """
 
     def __init__(self, stages: list, n_microbatches: int, *, loss_fn: Callable | None = None,
-                 order: str = "1f1b") -> None:
+                 order: str = "1f1b", warmup: int = 2) -> None:
         super().__init__(stages=stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
         self.inferring_shapes = False
         self.order = order if loss_fn is not None else None
-        self.pipeline_order = u_order(self.order, n_microbatches)
+        self.pipeline_order = u_order(self.order, n_microbatches, warmup)
         actions = {rank: list(acts) for rank, acts in self.pipeline_order.items()}
         if self.order is not None:
             self._prepare_schedule_with_comms(actions)

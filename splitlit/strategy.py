@@ -71,6 +71,9 @@ class SplitPipelineStrategy(SplitCheckpoints, DDPStrategy):
             a shorter last batch runs with the largest divisor of its size.
         order: ``"1f1b"`` (default, less memory), ``"gpipe"`` (fill-drain) or ``"zb"`` (1f1b with the server's and
             the tail's weight gradients computed while the input gradient crosses the link; see splitlit.schedule).
+        warmup: micro-batches 1f1b and zb send forward before their first backward (2 by default). More keeps a
+            link with a long round trip busy (each micro-batch crosses it four times) at the cost of the client's
+            head holding ``warmup + 2`` micro-batches' activations and the server ``warmup``.
         timeout: seconds either rank waits for the other before failing with a clear error.
         setup_timeout: seconds the server waits for the client's setup, where the client may work alone for
             minutes (codec calibration); a client that dies meanwhile still ends the wait at once.
@@ -98,7 +101,7 @@ class SplitPipelineStrategy(SplitCheckpoints, DDPStrategy):
 
     strategy_name = "split_pipeline"
 
-    def __init__(self, chunks: int = 1, order: str = "1f1b", timeout: float = 300.0,
+    def __init__(self, chunks: int = 1, order: str = "1f1b", warmup: int = 2, timeout: float = 300.0,
                  process_group_backend: str | None = "gloo",
                  wire: dict[str, str | dict[str, Any]] | None = None, setup_timeout: float = 3600.0,
                  clients: int = 1, paradigm: str = "splitfed", turn: str = "batch", deferred_batchnorm: bool = False,
@@ -117,6 +120,10 @@ class SplitPipelineStrategy(SplitCheckpoints, DDPStrategy):
                              f"(SplitFed's clients train in parallel).")
         if order not in ORDERS:
             raise ValueError(f"SplitPipelineStrategy(order={order!r}): choose one of {ORDERS}.")
+        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 1:
+            raise ValueError(f"SplitPipelineStrategy(warmup={warmup!r}): give the micro-batches 1f1b and zb send "
+                             f"forward before their first backward, a positive integer (2 by default; 3-4 on a "
+                             f"link with a round trip of tens of milliseconds).")
         if not timeout or timeout <= 0:
             raise ValueError(f"SplitPipelineStrategy(timeout={timeout!r}): give the seconds a rank waits for "
                              f"the other, e.g. 300.")
@@ -128,6 +135,7 @@ class SplitPipelineStrategy(SplitCheckpoints, DDPStrategy):
                          **kwargs)
         self.chunks = chunks
         self.order = order
+        self.warmup = warmup
         self.clients = clients
         self.paradigm = paradigm
         self.turn = turn
@@ -257,7 +265,7 @@ class SplitPipelineStrategy(SplitCheckpoints, DDPStrategy):
         # 4. The pipeline over this rank's stages: one per link (the server of many clients has many).
         self._pipelines = [SplitPipeline(self.split, rank=CLIENT_RANK if self.is_client else SERVER_RANK,
                                          device=self.root_device, chunks=self.chunks, order=self.order,
-                                         timeout=self.timeout_s, meter=self.meter, wire=self.wire,
+                                         warmup=self.warmup, timeout=self.timeout_s, meter=self.meter, wire=self.wire,
                                          ledger=self.ledger, group=link.group) for link in self._links]
         self.pipeline = self._pipelines[0]
         # 5. Optimisers see only this rank's parameters; clipping uses the norm over both ranks.

@@ -51,6 +51,27 @@ def test_1f1b_bounds_microbatches_in_flight():
     assert _peak_live("gpipe", 8, 0) == 8
 
 
+@pytest.mark.parametrize("order", ["1f1b", "zb"])
+@pytest.mark.parametrize("warmup", [1, 3, 4])
+def test_a_deeper_warmup_holds_warmup_plus_two_head_activations(order, warmup):
+    """``warmup`` micro-batches go forward before the first backward: the head holds warmup + 2 (its backward runs
+    a micro-batch late), the server warmup, the tail one; every micro-batch still runs once per stage."""
+    n = 8
+    actions = u_order(order, n, warmup)
+    assert [a.microbatch_index for a in actions[1][:warmup]] == list(range(warmup))
+    assert {a.computation_type for a in actions[1][:warmup]} == {C.FORWARD}
+    peaks = []
+    for stage in range(3):
+        live = peak = 0
+        for a in actions[1 if stage == 1 else 0]:
+            if a.stage_index == stage:
+                live += {"FORWARD": 1, "FULL_BACKWARD": -1, "BACKWARD_WEIGHT": -1}.get(a.computation_type.name, 0)
+                peak = max(peak, live)
+        peaks.append(peak)
+    assert peaks == [min(warmup + 2, n), warmup, 1]
+    assert sorted(map(str, actions[0])) == sorted(map(str, u_order(order, n)[0]))
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_zb_holds_as_many_microbatches_as_1f1b(stage):
     """zb's activation memory is 1F1B's: per stage the same number of live micro-batches, whatever the chunk count."""

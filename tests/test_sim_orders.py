@@ -85,5 +85,15 @@ def test_main_prints_every_order_and_chunk_count(capsys):
     main(["--chunks", "1", "8", "--rate", "10mbit"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| order")]
-    assert [tuple(r.split(" | ")[:2]) for r in rows] == [("| gpipe", "1"), ("| gpipe", "8"), ("| 1f1b", "1"),
-                                                         ("| 1f1b", "8"), ("| zb", "1"), ("| zb", "8")]
+    assert [tuple(r.split(" | ")[:3]) for r in rows] == [("| gpipe", "-", "1"), ("| gpipe", "-", "8"),
+                                                         ("| 1f1b", "2", "1"), ("| 1f1b", "2", "8"),
+                                                         ("| zb", "2", "1"), ("| zb", "2", "8")]
+
+
+def test_on_a_far_link_a_deeper_warmup_keeps_the_link_busy():
+    """10 Mbit/s, 25 ms one way, conv insert's bytes, chunks 8: the round trip of a micro-batch (four crossings)
+    outlasts what a warm-up of 2 sends; 3 brings the order within 1.08x of the bound, 2 stays above 1.10x."""
+    far = Cost(client_s=0.065, server_s=0.55, up_bytes=0.524e6, down_bytes=0.328e6, up_bps=9.57e6, down_bps=9.57e6,
+               delay_s=0.025)
+    ratio = {w: simulate(lower("1f1b", 8, w), far, 8)["time_s"] / far.bound(8) for w in (2, 3)}
+    assert ratio[2] > 1.10 and ratio[3] < 1.08

@@ -14,6 +14,8 @@ from splitlit import SplitPipelineStrategy
     ({"chunks": 0}, "chunks must be a positive integer"),
     ({"order": "zigzag"}, r"order='zigzag'.*choose one of \('gpipe', '1f1b', 'zb'\)"),
     ({"timeout": -1}, "timeout=-1"),
+    ({"warmup": 0}, r"warmup=0.*a positive integer \(2 by default"),
+    ({"warmup": 2.5}, r"warmup=2.5"),
 ])
 def test_strategy_arguments_are_checked(kwargs, match):
     """Bad strategy arguments fail at construction, naming the value."""

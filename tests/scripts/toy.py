@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--chunks", type=int, default=4)
     p.add_argument("--order", default="1f1b")
+    p.add_argument("--warmup", type=int, default=2, help="SplitPipelineStrategy(warmup=...)")
     p.add_argument("--steps", type=int, default=1, help="optimizer steps")
     p.add_argument("--accumulate", type=int, default=1)
     p.add_argument("--clip", type=float, default=None)
@@ -145,7 +146,7 @@ def _fit(args: argparse.Namespace, order: str, out: Path) -> dict:
     if args.unsplit:
         kw = dict(accelerator="cpu", devices=1)
     else:
-        strategy = SplitPipelineStrategy(chunks=args.chunks, order=order, timeout=args.timeout,
+        strategy = SplitPipelineStrategy(chunks=args.chunks, order=order, warmup=args.warmup, timeout=args.timeout,
                                          deferred_batchnorm=args.deferred_bn)
         kw = dict(accelerator="cpu", strategy=strategy,
                   **(dict(num_nodes=2, devices=1) if args.two_hosts else dict(devices=args.devices)))
