@@ -2,10 +2,11 @@
 
 The client (rank 0) calls ``train_step(*inputs, target=..., loss_fn=...)`` or ``eval_step(*inputs)``; the
 server (rank 1) calls the same method with no arguments. Before each step the client broadcasts a small
-header (step kind, micro-batch count, input shapes and dtypes): the server learns what comes without ever
-seeing the data, and both ranks pick the same stages. Stages and schedules are cached per header, since
-``torch.distributed.pipelining`` fixes the tensor shapes of a stage at its first step (a short last batch
-or a new padded sequence length gets stages of its own).
+header (step kind, micro-batch count, order and warm-up, input shapes and dtypes): the server learns what comes
+without ever seeing the data, and both ranks pick the same stages (a server given another order or warm-up stops
+there, saying so). Stages and schedules are cached per header, since ``torch.distributed.pipelining`` fixes the
+tensor shapes of a stage at its first step (a short last batch or a new padded sequence length gets stages of
+its own).
 
     pipeline = SplitPipeline(split, rank=rank, device=device, chunks=4)
     out, losses = pipeline.train_step(x, target=y, loss_fn=loss_fn)   # client
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from splitlit.meter import LinkMeter
-from splitlit.schedule import USchedule
+from splitlit.schedule import ORDERS, USchedule
 from splitlit.split import CLIENT_RANK, SERVER_RANK, Split
 from splitlit.stage import MeteredStage
 from splitlit.transport import Ledger
@@ -176,6 +177,14 @@ class SplitPipeline:
                 f"the client started a {_KINDS.get(key[0], f'unknown ({key[0]})')} step. Both ranks must run the "
                 f"same Trainer settings (limit_*_batches, val_check_interval, num_sanity_val_steps)."
             )
+        if key[2:4] != (ORDERS.index(self.order), self.warmup):
+            theirs = ORDERS[key[2]] if 0 <= key[2] < len(ORDERS) else f"unknown ({key[2]})"
+            raise RuntimeError(
+                f"The client and the server run different pipelines: the client order={theirs!r}, warmup={key[3]}; "
+                f"this server order={self.order!r}, warmup={self.warmup}. Give both ranks the same "
+                f"--trainer.strategy.init_args.order and --trainer.strategy.init_args.warmup (the same command line "
+                f"and config on both hosts)."
+            )
         schedule = self._schedules.get(key)
         if schedule is None:
             schedule = self._build(kind, n_microbatches=key[1])
@@ -197,7 +206,7 @@ class SplitPipeline:
             if t.ndim == 0 or t.shape[0] != batch:
                 raise ValueError(f"Every head input must have the batch dimension first ({batch}); "
                                  f"got shapes {[tuple(t.shape) for t in inputs]}.")
-        words = [kind, microbatch_count(batch, self.chunks), len(inputs)]
+        words = [kind, microbatch_count(batch, self.chunks), ORDERS.index(self.order), self.warmup, len(inputs)]
         for t in inputs:
             if t.dtype not in _DTYPES:
                 raise TypeError(f"Head input dtype {t.dtype} cannot be described to the server; use one of {_DTYPES}.")

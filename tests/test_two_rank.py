@@ -102,6 +102,16 @@ def test_a_dead_peer_stops_the_other_rank(tmp_path, dead, survivor, peer):
     assert advice in results[survivor].output
 
 
+def test_ranks_given_different_orders_stop_at_the_first_header(tmp_path):
+    """Two hosts started with different pipeline orders (or warm-ups) would lower different action lists and
+    misroute tensors: the server compares the client's order and warm-up in the step header and says so."""
+    cmd = [str(TOY), "--out", str(tmp_path), "--two-hosts", "--steps", "2", "--timeout", "15", "--chunks", "4"]
+    client, server = run_two_hosts(cmd + ["--order", "1f1b"], cmd + ["--order", "zb", "--warmup", "3"], timeout=150)
+    assert server.returncode != 0 and client.returncode != 0
+    assert ("the client order='1f1b', warmup=2; this server order='zb', warmup=3. Give both ranks the same "
+            "--trainer.strategy.init_args.order") in server.output, server.output[-3000:]
+
+
 def test_a_genuine_error_in_a_stage_is_reported_as_itself(tmp_path):
     """A bug in the server's body surfaces there as that exception, naming the stage and rank, not as a lost
     peer; the client, whose peer did die, says so."""
