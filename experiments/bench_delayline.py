@@ -16,7 +16,8 @@ Part of that time is not the delay line's own work: a write into a TUN device ru
 in the writer's time, work that a veth pair does too, in its softirq, charged to whoever runs then. ``--compare``
 also streams the same bytes over a ``tc tbf`` veth pair at the same rate, alternating the two links ``--repeats``
 times, and prints the machine's busy CPU during each stream (every core's time less its idle time, from
-``/proc/stat``): the delay line's added CPU is the difference of the medians. Run it on an otherwise idle machine: ``/proc/stat`` counts everyone's work.
+``/proc/stat``): the delay line's added CPU is the difference of the medians. Run it on an otherwise idle machine:
+``/proc/stat`` counts everyone's work.
 """
 
 from __future__ import annotations

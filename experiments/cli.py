@@ -46,7 +46,8 @@ from typing_extensions import override
 from callbacks import BestMetric, LinkTrafficMonitor, PipelineTimingMonitor
 from splitlit.link import LINK_ENV
 
-__all__ = ["CONFIG_DIR", "LINK_ENV", "RUN_FILE", "ResumedCSVLogger", "RunSettings", "SplitCLI", "link_summary", "run_cli", "wandb_mode"]
+__all__ = ["CONFIG_DIR", "LINK_ENV", "RUN_FILE", "ResumedCSVLogger", "RunSettings", "SplitCLI", "link_summary",
+           "run_cli", "wandb_mode"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -211,9 +212,10 @@ def _default_loggers(settings: RunSettings, run: dict[str, Any], root: str) -> l
     mode = wandb_mode(settings.wandb)
     if mode != "disabled":
         extra = {} if client is None else {"job_type": f"client{client}"}
-        loggers.append(WandbLogger(name=version.replace("/", "-"), save_dir=csv_logger.log_dir, project=settings.project,
-                                   group=run["group"] if client is None else run["name"], tags=run["tags"],
-                                   config=_json_safe(run), offline=mode == "offline", mode=mode, **extra))
+        loggers.append(WandbLogger(name=version.replace("/", "-"), save_dir=csv_logger.log_dir,
+                                   project=settings.project, group=run["group"] if client is None else run["name"],
+                                   tags=run["tags"], config=_json_safe(run), offline=mode == "offline", mode=mode,
+                                   **extra))
     return loggers
 
 
@@ -240,26 +242,20 @@ class ResumedCSVLogger(CSVLogger):
         rows, keys = _read_metrics(path)
         writer = super().experiment  # deletes the file
         if rows:
-            with path.open("w", newline="") as file:
-                out = csv.DictWriter(file, fieldnames=keys)
-                out.writeheader()
-                out.writerows(rows)
+            _write_metrics(path, rows, keys)
             writer.metrics_keys = keys  # appended to from here on, the header rewritten if new keys come
         return writer
 
     def resume_at(self, step: int) -> None:
         """Drop the rows logged after ``step`` (the resumed run logs them again)."""
-        path = Path(self.log_dir) / "metrics.csv"
         if rank_zero_only.rank != 0:
             return
         self.experiment.save()
+        path = Path(self.log_dir) / "metrics.csv"
         rows, keys = _read_metrics(path)
         kept = [r for r in rows if not r.get("step") or float(r["step"]) <= step]
         if len(kept) < len(rows):
-            with path.open("w", newline="") as file:
-                out = csv.DictWriter(file, fieldnames=keys)
-                out.writeheader()
-                out.writerows(kept)
+            _write_metrics(path, kept, keys)
 
 
 def _read_metrics(path: Path) -> tuple[list[dict[str, str]], list[str]]:
@@ -268,6 +264,13 @@ def _read_metrics(path: Path) -> tuple[list[dict[str, str]], list[str]]:
     with path.open(newline="") as file:
         reader = csv.DictReader(file)
         return list(reader), list(reader.fieldnames or [])
+
+
+def _write_metrics(path: Path, rows: list[dict[str, str]], keys: list[str]) -> None:
+    with path.open("w", newline="") as file:
+        out = csv.DictWriter(file, fieldnames=keys)
+        out.writeheader()
+        out.writerows(rows)
 
 
 class _SaveRunConfig(Callback):

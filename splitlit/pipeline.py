@@ -91,7 +91,8 @@ class SplitPipeline:
         device: where this rank's stages run.
         chunks: micro-batches per batch.
         order: ``"1f1b"``, ``"gpipe"`` or ``"zb"`` (see :mod:`splitlit.schedule`).
-        warmup: micro-batches 1f1b and zb send forward before the first backward (see :func:`splitlit.schedule.u_order`).
+        warmup: micro-batches 1f1b and zb send forward before the first backward
+            (see :func:`splitlit.schedule.u_order`).
         timeout: seconds, only used to word errors; the process group enforces it.
         meter: records every tensor handed to the transport.
         ledger: books each step header the server receives (see :class:`splitlit.transport.Ledger`).

@@ -72,8 +72,8 @@ def u_order(order: str | None, n: int, warmup: int = 2) -> dict[int, list[_Actio
     Memory is 1f1b's, in micro-batches whose activations a stage holds (a forward not yet freed by its B or
     W): head ``warmup + 2``, server ``warmup``, tail 1, whatever ``n`` (gpipe: ``n`` everywhere). A deeper warm-up
     keeps a far link busy: the round trip of one micro-batch crosses it four times, and the warm-up is what the
-    client sends while the first one is on its way. ZB-H1 keeps 1F1B's memory too;
-    ZB-H2 buys the last bubbles with a longer warm-up (more memory), which a link-bound U does not need.
+    client sends while the first one is on its way. ZB-H1 keeps 1F1B's memory too; ZB-H2 buys the last bubbles
+    with a longer warm-up (more memory), which ``warmup`` offers here for a link with a long round trip.
     """
     fwd = lambda stage, mb: _Action(stage, F, mb)  # noqa: E731
     bwd = lambda stage, mb: _Action(stage, B, mb)  # noqa: E731

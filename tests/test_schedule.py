@@ -93,7 +93,8 @@ def test_receives_are_posted_ahead_of_the_sends_and_computations_before_them(ord
         for comm in ((C.RECV_F, C.RECV_B), (C.SEND_F, C.SEND_B)):
             kept = [a for a in moved if a.computation_type in comm]
             assert kept == [a for a in actions if a.computation_type in comm]
-        assert [a for a in moved if a.computation_type in _COMPUTE] == [a for a in actions if a.computation_type in _COMPUTE]
+        computations = [a for a in actions if a.computation_type in _COMPUTE]
+        assert [a for a in moved if a.computation_type in _COMPUTE] == computations
         for a in (a for a in actions if a.computation_type in (C.RECV_F, C.RECV_B)):
             i, ahead = moved.index(a), _computations_ahead(moved, a)
             before = moved[:i]
@@ -112,8 +113,9 @@ def _computations_ahead(actions: list, receive) -> int:
     """Computations between ``receive`` and the one that needs what it receives."""
     i = actions.index(receive)
     needs = (C.FORWARD,) if receive.computation_type == C.RECV_F else (C.FULL_BACKWARD, C.BACKWARD_INPUT)
+    mine = (receive.stage_index, receive.microbatch_index)
     j = next(j for j in range(i + 1, len(actions)) if actions[j].computation_type in needs
-             and (actions[j].stage_index, actions[j].microbatch_index) == (receive.stage_index, receive.microbatch_index))
+             and (actions[j].stage_index, actions[j].microbatch_index) == mine)
     return sum(b.computation_type in _COMPUTE for b in actions[i + 1:j])
 
 

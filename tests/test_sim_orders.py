@@ -21,7 +21,8 @@ def _head_backward_in_turn(actions: dict) -> dict:
         out.append(a)
         if a.stage_index == 2 and a.computation_type in (C.FULL_BACKWARD, C.BACKWARD_WEIGHT):
             mb = a.microbatch_index
-            nxt = [b for b in client if (b.stage_index, b.microbatch_index, b.computation_type) == (0, mb + 2, C.FORWARD)]
+            nxt = [b for b in client
+                   if (b.stage_index, b.microbatch_index, b.computation_type) == (0, mb + 2, C.FORWARD)]
             if not nxt:
                 out.append(next(b for b in actions[0] if (b.stage_index, b.microbatch_index) == (0, mb)
                                 and b.computation_type == C.FULL_BACKWARD))
